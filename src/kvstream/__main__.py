@@ -1,0 +1,4 @@
+from kvstream.cli import main
+
+if __name__ == "__main__":
+    main()
