@@ -1,0 +1,48 @@
+# kvstream: KV-cache eviction for long-context decoding, data to paper.
+#   snakemake --cores 2                         the default run (config.yaml)
+#   snakemake --cores 1 --resources gpu=1       same, at most one GPU job at a time
+#   snakemake --configfile config/paper.yaml --cores 1 --resources gpu=1     the paper's scale
+# A --configfile replaces config.yaml (it is not merged into it). See README.md.
+
+from pathlib import Path
+
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/eval.smk"
+
+HAVE_REPORT = (Path(workflow.basedir) / "workflow/rules/report.smk").exists()
+HAVE_PAPER = (Path(workflow.basedir) / "workflow/rules/paper.smk").exists()
+
+if HAVE_REPORT:
+
+    include: "workflow/rules/report.smk"
+
+
+if HAVE_PAPER:
+
+    include: "workflow/rules/paper.smk"
+
+
+PAPER_PDFS = ["paper/neurips_2025_compressed.pdf", "paper/neurips_2025.pdf"]
+
+
+def all_targets(wildcards):
+    """Every cell, each experiment's aggregates, what the rule files add to ALL_TARGETS, the PDFs."""
+    targets = used_cells()
+    if HAVE_REPORT:
+        targets += [aggregate_path(e, ext) for e in EXPERIMENTS for ext in ("csv", "json")]
+    targets += ALL_TARGETS
+    if HAVE_PAPER:
+        targets += PAPER_PDFS
+    return list(dict.fromkeys(targets))
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets,
