@@ -1,0 +1,150 @@
+"""Checks and report for scripts/slurm-selftest.sh (standard library only).
+
+Reads `scontrol show job -o` (all jobs slurmctld still holds; MinJobAge=3600 keeps finished ones)
+and the two work directories, prints one line per SLURM job of the Snakemake run, and exits
+non-zero with a message when
+  - a job of the run did not end COMPLETED,
+  - an eval cell was not produced by its own SLURM job,
+  - (pipeline mode) the local and SLURM runs do not have the same cells, or a cell's NLL array
+    (results/cells/**/s*.nll.npy) differs by a single byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+
+def parse_scontrol(path: Path) -> list[dict[str, str]]:
+    jobs = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("JobId="):
+            continue
+        # key=value pairs separated by spaces; values may contain spaces only in a few
+        # fields we do not need (Command, WorkDir are the last ones we use and have none here)
+        fields = {}
+        for m in re.finditer(r"(\w+(?::\w+)?)=(\S*)", line):
+            fields.setdefault(m.group(1), m.group(2))
+        jobs.append(fields)
+    return jobs
+
+
+def elapsed_s(runtime: str) -> int:
+    """[D-]HH:MM:SS -> seconds."""
+    days = 0
+    if "-" in runtime:
+        d, runtime = runtime.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in runtime.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts
+    return ((days * 24 + h) * 60 + m) * 60 + s
+
+
+def rule_of(comment: str) -> tuple[str, str]:
+    m = re.match(r"rule_(\w+?)(?:_wildcards_(.*))?$", comment or "")
+    if not m:
+        return comment or "?", ""
+    return m.group(1), m.group(2) or ""
+
+
+def fail(msg: str) -> None:
+    print(f"slurm-selftest: CHECK FAILED: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["smoke", "full"], required=True)
+    ap.add_argument("--jobs", type=Path, required=True)
+    ap.add_argument("--local", type=Path, required=True)
+    ap.add_argument("--slurm", type=Path, required=True)
+    ap.add_argument("--local-wall", type=int, default=0)
+    ap.add_argument("--slurm-wall", type=int, default=0)
+    args = ap.parse_args()
+
+    slurm_wd = os.path.realpath(args.slurm)
+    jobs = [j for j in parse_scontrol(args.jobs) if os.path.realpath(j.get("WorkDir", "")) == slurm_wd]
+    if not jobs:
+        fail(f"slurmctld knows no job with WorkDir={slurm_wd}: nothing ran through SLURM")
+    jobs.sort(key=lambda j: int(j["JobId"]))
+
+    print(f"{'jobid':>6}  {'rule':<14} {'state':<10} {'wall_s':>6}  {'node':<8} wildcards")
+    bad = []
+    by_rule: dict[str, list[dict[str, str]]] = {}
+    for j in jobs:
+        rule, wc = rule_of(j.get("Comment", ""))
+        by_rule.setdefault(rule, []).append(j)
+        wall = elapsed_s(j.get("RunTime", "0:0:0"))
+        print(f"{j['JobId']:>6}  {rule:<14} {j.get('JobState', '?'):<10} {wall:>6}  {j.get('NodeList', ''):<8} {wc}")
+        if j.get("JobState") != "COMPLETED":
+            bad.append(f"{j['JobId']} ({rule}) {j.get('JobState')}")
+    total_job_s = sum(elapsed_s(j.get("RunTime", "0:0:0")) for j in jobs)
+    print(
+        f"{len(jobs)} SLURM jobs ("
+        + ", ".join(f"{r}: {len(v)}" for r, v in by_rule.items())
+        + f"), sum of job wall times {total_job_s} s; "
+        f"SLURM run {args.slurm_wall} s wall, local run {args.local_wall} s wall"
+    )
+    if bad:
+        fail("jobs not COMPLETED: " + ", ".join(bad))
+    eval_jobs = by_rule.get("eval", [])
+    if not eval_jobs:
+        fail("no eval job ran through SLURM")
+
+    if args.mode == "smoke":
+        cells = sorted((args.slurm / "smoke" / "cells").rglob("*.txt"))
+        ids = {j["JobId"] for j in eval_jobs}
+        seen = set()
+        for c in cells:
+            m = re.search(r"job=(\S+)", c.read_text())
+            jid = m.group(1) if m else None
+            if jid not in ids:
+                fail(f"{c} was written under job {jid}, not by an eval SLURM job")
+            seen.add(jid)
+        if len(seen) != len(cells) or len(cells) != len(eval_jobs):
+            fail(f"{len(cells)} cells, {len(eval_jobs)} eval jobs, {len(seen)} distinct job ids")
+        local_cells = sorted((args.local / "smoke" / "cells").rglob("*.txt"))
+        if [c.relative_to(args.local) for c in local_cells] != [c.relative_to(args.slurm) for c in cells]:
+            fail("local and SLURM runs produced different cells")
+        print(f"OK: {len(cells)} eval cells, each written inside its own SLURM job")
+        return
+
+    def nll_files(root: Path) -> dict[str, Path]:
+        base = root / "results" / "cells"
+        return {str(p.relative_to(base)): p for p in sorted(base.rglob("*.nll.npy"))}
+
+    local, slurm = nll_files(args.local), nll_files(args.slurm)
+    if not local:
+        fail(f"the local run produced no results/cells/**/*.nll.npy in {args.local}")
+    if set(local) != set(slurm):
+        fail(
+            "different cells: only local "
+            + str(sorted(set(local) - set(slurm))[:5])
+            + ", only SLURM "
+            + str(sorted(set(slurm) - set(local))[:5])
+        )
+    if len(eval_jobs) != len(slurm):
+        fail(f"{len(slurm)} cells but {len(eval_jobs)} eval SLURM jobs")
+    differ = []
+    for key in sorted(local):
+        a, b = local[key].read_bytes(), slurm[key].read_bytes()
+        if a != b:
+            differ.append(key)
+    if differ:
+        fail(f"{len(differ)} of {len(local)} NLL arrays differ between local and SLURM runs: {differ[:5]}")
+    digest = hashlib.sha256(b"".join(local[k].read_bytes() for k in sorted(local))).hexdigest()[:16]
+    print(
+        f"OK: {len(local)} eval cells ran as {len(eval_jobs)} SLURM jobs; all NLL arrays are "
+        f"bit-identical to the local run (sha256 of all: {digest})"
+    )
+
+
+if __name__ == "__main__":
+    main()
