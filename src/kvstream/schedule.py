@@ -1,0 +1,170 @@
+"""Policies and their eviction schedule, as pure functions (no model, no torch).
+
+method.md, "The `sink` schedule": after each forward the cache holds L tokens (the new one included),
+overflow = L - C with budget C = S + W. An eviction event happens when overflow >= R and removes
+n = max(min(overflow, delta), L - (C + sigma)) tokens, the oldest non-sink ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from kvstream.errors import KVStreamError
+
+POLICY_TYPES = ("recompute", "dense", "window", "sink")
+BUDGET_MODES = ("fixed", "cap")
+POSITION_MODES = ("relative", "absolute")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One cache policy with all its knobs (names as in the original command line).
+
+    type: recompute | dense | window | sink
+    n_sink (S), window_size (W), compress_every (R), cache_slack (sigma), max_drop (delta, None = no cap),
+    budget_mode: fixed (C = S + W) or cap (W derived so that no forward sees more than `cap` tokens),
+    cap: the recompute window and the peak length in budget mode cap; positions: relative | absolute.
+    """
+
+    type: str
+    n_sink: int = 0
+    window_size: int | None = None
+    compress_every: int = 1
+    cache_slack: int = 0
+    max_drop: int | None = None
+    budget_mode: str = "fixed"
+    cap: int | None = None
+    positions: str = "relative"
+
+    # --- derived quantities -------------------------------------------------------------------
+    @property
+    def evicts(self) -> bool:
+        return self.type in ("window", "sink")
+
+    @property
+    def budget(self) -> int | None:
+        """C = S + W for window/sink; None for policies without eviction."""
+        if not self.evicts:
+            return None
+        return self.n_sink + self.window_size
+
+    @property
+    def max_forward_len(self) -> int | None:
+        """The most tokens any decode forward attends over: C + max(R, sigma + 1), or cap for recompute."""
+        if self.type == "recompute":
+            return self.cap
+        if not self.evicts:
+            return None
+        return self.budget + max(self.compress_every, self.cache_slack + 1)
+
+    def prefill_len(self, n_tokens: int) -> int:
+        """P: tokens fed in the prefill forward (method.md: min(C, N) or min(cap, N))."""
+        limit = self.budget if self.evicts else self.cap
+        return min(limit, n_tokens)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["budget"] = self.budget
+        d["max_forward_len"] = self.max_forward_len
+        return d
+
+    # --- construction ---------------------------------------------------------------------------
+    def resolved(self) -> "Policy":
+        """Validate every field and return the policy with derived values filled in.
+
+        window: S = 0, R = 1, no slack, no drop cap. sink with budget_mode cap:
+        W = cap - S - max(R, sigma + 1). Raises KVStreamError naming the field and the allowed range.
+        """
+        p = self
+        if p.type not in POLICY_TYPES:
+            raise KVStreamError(f"policy type {p.type!r} is unknown: use one of {', '.join(POLICY_TYPES)}")
+        if p.positions not in POSITION_MODES:
+            raise KVStreamError(f"positions {p.positions!r} is unknown: use relative or absolute")
+        if p.budget_mode not in BUDGET_MODES:
+            raise KVStreamError(f"budget_mode {p.budget_mode!r} is unknown: use fixed or cap")
+        _check_int("cap", p.cap, minimum=1, optional=True)
+        if p.type in ("recompute", "dense"):
+            if p.cap is None:
+                raise KVStreamError(f"cap is required for policy type {p.type} (the recompute window / prefill length): set cap >= 1")
+            return p
+        if p.type == "window":
+            _check_int("window_size", p.window_size, minimum=1)
+            return dataclasses.replace(p, n_sink=0, compress_every=1, cache_slack=0, max_drop=None, budget_mode="fixed")
+        # sink
+        _check_int("n_sink", p.n_sink, minimum=0)
+        _check_int("compress_every", p.compress_every, minimum=1)
+        _check_int("cache_slack", p.cache_slack, minimum=0)
+        _check_int("max_drop", p.max_drop, minimum=0, optional=True)
+        if p.budget_mode == "cap":
+            if p.cap is None:
+                raise KVStreamError("cap is required with budget_mode cap: set cap (the largest forward length)")
+            extra = max(p.compress_every, p.cache_slack + 1)
+            window = p.cap - p.n_sink - extra
+            if window < 1:
+                raise KVStreamError(
+                    f"cap={p.cap} is too small for n_sink={p.n_sink} + max(compress_every, cache_slack + 1)={extra}: "
+                    f"budget_mode cap needs cap >= {p.n_sink + extra + 1}"
+                )
+            return dataclasses.replace(p, window_size=window)
+        if p.window_size is None:
+            raise KVStreamError("window_size is required for a sink policy with budget_mode fixed: set window_size >= 1")
+        _check_int("window_size", p.window_size, minimum=1)
+        return p
+
+
+def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
+    if value is None:
+        if optional:
+            return
+        raise KVStreamError(f"{name} is required: set an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KVStreamError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise KVStreamError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def eviction_size(length: int, budget: int, compress_every: int, cache_slack: int, max_drop: int | None) -> int:
+    """Tokens one event removes when the cache holds `length` tokens after a forward (0 = no event)."""
+    overflow = length - budget
+    if overflow <= 0 or overflow < compress_every:
+        return 0
+    capped = overflow if max_drop is None else min(overflow, max_drop)
+    return max(capped, length - (budget + cache_slack))
+
+
+def cache_lengths(policy: Policy, n_tokens: int) -> list[int]:
+    """Tokens each decode forward attends over (the new token included), one int per decode step.
+
+    Decode feeds x_P .. x_{N-2} (P = prefill length), so there are N - 1 - P steps.
+    """
+    policy = policy.resolved()
+    prefill = policy.prefill_len(n_tokens)
+    steps = max(n_tokens - 1 - prefill, 0)
+    if policy.type == "recompute":
+        return [min(t + 1, policy.cap) for t in range(prefill, prefill + steps)]
+    if policy.type == "dense":
+        return [t + 1 for t in range(prefill, prefill + steps)]
+    lengths = []
+    length = prefill  # after the prefill forward (P <= C: never an event)
+    for _ in range(steps):
+        length -= eviction_size(length, policy.budget, policy.compress_every, policy.cache_slack, policy.max_drop)
+        length += 1
+        lengths.append(length)
+    return lengths
+
+
+def eviction_events(policy: Policy, n_tokens: int) -> list[tuple[int, int]]:
+    """(decode step, tokens removed) for every event, in order; the event before step i's forward."""
+    policy = policy.resolved()
+    if not policy.evicts:
+        return []
+    lengths = cache_lengths(policy, n_tokens)
+    events = []
+    previous = policy.prefill_len(n_tokens)
+    for step, length in enumerate(lengths):
+        removed = previous + 1 - length
+        if removed:
+            events.append((step, removed))
+        previous = length
+    return events
