@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Test profiles/slurm/ against a REAL single-node SLURM cluster brought up on this machine.
 #
-#   scripts/slurm-selftest.sh            full test: bring SLURM up, run the pipeline on the tiny config
-#                                        once locally (profiles/local) and once through SLURM
-#                                        (profiles/slurm, CPU-only), check that every eval cell ran as
-#                                        a SLURM job and that both runs give bit-identical NLL arrays,
-#                                        print the jobs (id, rule, state, wall time), stop SLURM.
+#   scripts/slurm-selftest.sh            full test: bring SLURM up; run the pipeline on the tiny config
+#                                        through SLURM (profiles/slurm, CPU-only: every rule a SLURM
+#                                        job) and, for reference, its eval cells locally (profiles/local);
+#                                        check that every eval cell ran as its own SLURM job and that both
+#                                        runs give bit-identical NLL arrays; print the jobs (id, rule,
+#                                        state, wall time); stop SLURM.
 #   scripts/slurm-selftest.sh --smoke    same, with the tiny built-in workflow scripts/slurm/smoke.smk
 #                                        instead of the pipeline (about a minute).
 #   scripts/slurm-selftest.sh --up       only bring the cluster up and leave it running (for trying
@@ -23,6 +24,8 @@
 #   KVSTREAM_SLURM_CONFIGFILE  pipeline config for the test (default config/tiny.yaml)
 #   KVSTREAM_SLURM_JOBS        concurrent SLURM jobs / local cores (default 2)
 #   KVSTREAM_SLURM_TIMEOUT     seconds allowed for each Snakemake run (default 1800)
+#   KVSTREAM_SLURM_UNTIL       limit the SLURM run to this rule and its inputs (e.g. eval; default:
+#                              the whole DAG, paper included)
 #   KVSTREAM_SLURM_PORTS       "ctld,slurmd" TCP ports (default 6817,6818)
 set -euo pipefail
 
@@ -32,6 +35,7 @@ RUN=${KVSTREAM_SLURM_RUNDIR:-/tmp/kvstream-slurm-selftest}
 CONFIGFILE=${KVSTREAM_SLURM_CONFIGFILE:-config/tiny.yaml}
 NJOBS=${KVSTREAM_SLURM_JOBS:-2}
 SM_TIMEOUT=${KVSTREAM_SLURM_TIMEOUT:-1800}
+UNTIL=${KVSTREAM_SLURM_UNTIL:-}
 PORTS=${KVSTREAM_SLURM_PORTS:-6817,6818}
 CONF=/etc/slurm/slurm.conf
 MARKER="# kvstream-selftest"
@@ -113,6 +117,9 @@ fi
 # 1. prerequisites and packages
 # ---------------------------------------------------------------------------------------------
 [ "$(id -u)" -eq 0 ] || die "must run as root (installs Debian packages and starts munged, slurmctld, slurmd)"
+# one selftest per machine at a time: /etc/slurm/slurm.conf and the ports are machine-wide
+exec 9> /tmp/kvstream-slurm-selftest.lock
+flock -n 9 || die "another scripts/slurm-selftest.sh is running on this machine (lock /tmp/kvstream-slurm-selftest.lock)"
 [ -x "$SNAKEMAKE" ] || die "$SNAKEMAKE not found: run scripts/setup.sh (or make setup) first"
 "$PYTHON" -c "import snakemake_executor_plugin_slurm" 2>/dev/null \
     || die "snakemake-executor-plugin-slurm is not installed in .venv (it is in requirements.lock: rerun scripts/setup.sh)"
@@ -165,13 +172,13 @@ hw=$(slurmd -C | head -1)             # NodeName=vm CPUs=2 Boards=1 ... RealMemo
 NODE_HW=$(tr ' ' '\n' <<<"$hw" | grep -E '^(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=' | tr '\n' ' ')
 MEM=$(tr ' ' '\n' <<<"$hw" | sed -n 's/^RealMemory=//p')
 NCPUS=$(tr ' ' '\n' <<<"$hw" | sed -n 's/^CPUs=//p')
-# The profile asks up to 16 GB (prepare_model). Memory is not a consumable resource here
+# The pipeline's rules ask up to 8 GB (prepare_model). Memory is not a consumable resource here
 # (CR_Core, task/none), but sbatch rejects --mem above RealMemory: on a smaller machine, let
 # slurmd accept a RealMemory larger than the physical one.
 SLURMD_PARAMETERS="# SlurmdParameters: default"
-if [ "${MEM:-0}" -lt 20000 ]; then
-    log "this machine has ${MEM} MB; declaring RealMemory=20000 (SlurmdParameters=config_overrides)"
-    MEM=20000
+if [ "${MEM:-0}" -lt 16000 ]; then
+    log "this machine has ${MEM} MB; declaring RealMemory=16000 (SlurmdParameters=config_overrides)"
+    MEM=16000
     SLURMD_PARAMETERS="SlurmdParameters=config_overrides"
 fi
 
@@ -267,10 +274,15 @@ make_workdir() {
 }
 
 SM_COMMON=()
+LOCAL_ARGS=()
+SLURM_EXTRA=()
 if [ "$MODE" = full ]; then
     [ -f "$REPO/Snakefile" ] || [ -f "$REPO/workflow/Snakefile" ] || die "no Snakefile in $REPO yet"
     [ -f "$REPO/$CONFIGFILE" ] || die "config file $CONFIGFILE not found in $REPO"
     SM_COMMON+=(--configfile "$CONFIGFILE")
+    # the reference needs only the cells (and what they depend on)
+    LOCAL_ARGS+=(--until eval)
+    [ -n "$UNTIL" ] && SLURM_EXTRA+=(--until "$UNTIL")
 fi
 export PATH="$REPO/.venv/bin:$PATH"
 
@@ -279,17 +291,17 @@ SLURM_WD=$RUN/slurm
 make_workdir "$LOCAL_WD"
 make_workdir "$SLURM_WD"
 
-log "reference run: snakemake --profile profiles/local --cores $NJOBS ${SM_COMMON[*]} (in $LOCAL_WD)"
+log "reference run: snakemake --profile profiles/local --cores $NJOBS ${SM_COMMON[*]} ${LOCAL_ARGS[*]} (in $LOCAL_WD)"
 t=$(date +%s)
 (cd "$LOCAL_WD" && timeout "$SM_TIMEOUT" "$SNAKEMAKE" --profile profiles/local --cores "$NJOBS" \
-    "${SM_COMMON[@]}" > "$RUN/log/snakemake-local.log" 2>&1) \
+    "${SM_COMMON[@]}" "${LOCAL_ARGS[@]}" > "$RUN/log/snakemake-local.log" 2>&1) \
     || { tail -n 40 "$RUN/log/snakemake-local.log" >&2; die "local run failed (log: $RUN/log/snakemake-local.log)"; }
 LOCAL_WALL=$(( $(date +%s) - t ))
 log "reference run finished in ${LOCAL_WALL} s"
 
 SLURM_ARGS=(--profile profiles/slurm --jobs "$NJOBS" "${SM_COMMON[@]}"
             --slurm-status-command squeue --slurm-init-seconds-before-status-checks 3
-            --slurm-keep-successful-logs --latency-wait 5 --retries 0)
+            --slurm-keep-successful-logs --latency-wait 5 --retries 0 "${SLURM_EXTRA[@]}")
 log "SLURM run: KVSTREAM_SLURM_GPUS=0 snakemake ${SLURM_ARGS[*]} (in $SLURM_WD)"
 t=$(date +%s)
 (cd "$SLURM_WD" && KVSTREAM_SLURM_GPUS=0 KVSTREAM_SLURM_PARTITION=$PARTITION \
