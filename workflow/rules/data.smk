@@ -21,6 +21,19 @@ def fetch_text_args(dataset):
         args += ["--path", d["path"]]
     if d.get("split"):
         args += ["--split", d["split"]]
+    if d.get("hub_id"):
+        args += ["--hub-id", d["hub_id"]]
+    if d.get("max_documents"):
+        args += ["--max-documents", d["max_documents"]]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def prepare_model_args():
+    m = config["model"]
+    args = ["--source", m["source"], "--dtype", m.get("dtype", "float32")]
+    for key in ("path", "revision", "seed"):
+        if m.get(key) is not None:
+            args += ["--" + key, m[key]]
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
@@ -52,7 +65,7 @@ rule prepare_model:
     output:
         directory("results/models/{model}"),
     params:
-        source=lambda w: config["model"]["source"],
+        args=prepare_model_args(),
     log:
         "results/logs/prepare_model/{model}.log",
     threads: 1
@@ -61,7 +74,7 @@ rule prepare_model:
     conda:
         "../../envs/kvstream.yaml"
     shell:
-        "{KVSTREAM} prepare-model --source {params.source:q} --out {output} > {log} 2>&1 " + ON_FAILURE
+        "{KVSTREAM} prepare-model {params.args} --out {output} > {log} 2>&1 " + ON_FAILURE
 
 
 # One tokenize rule per dataset: its outputs s0..s{K-1}.npy depend on the dataset's n_samples.
