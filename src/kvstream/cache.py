@@ -113,9 +113,10 @@ class StreamingCache(Cache):
         policy: a `Policy` (type dense, window or sink).
         rebase_at: rotate the window back to start at position S once the next position would reach
             this value (None: never; see the module docstring). `"auto"` picks 2 x max forward length.
+        reserve: slots to allocate up front (a dense cache of known length never reallocates).
     """
 
-    def __init__(self, model, policy: Policy, rebase_at: int | str | None = None):
+    def __init__(self, model, policy: Policy, rebase_at: int | str | None = None, reserve: int | None = None):
         policy = policy.resolved()
         if policy.type == "recompute":
             raise KVStreamError("policy type recompute uses no cache: run a fresh forward per step instead")
@@ -136,6 +137,7 @@ class StreamingCache(Cache):
         self.value_buffer: torch.Tensor | None = None
         self.sink_keys: torch.Tensor | None = None  # sinks as they arrived, at positions 0..S-1
         self.capacity = 0
+        self.reserve = reserve or 0
         self._reset_state()
 
     # --- bookkeeping (host side, plain integers) ----------------------------------------------------
@@ -155,6 +157,10 @@ class StreamingCache(Cache):
     def reset(self) -> None:
         self._reset_state()
         self.slot_token[:] = -1
+
+    def next_forward_length(self, q_len: int = 1) -> int:
+        """Tokens the next forward of q_len tokens will attend over (after pending maintenance)."""
+        return self._pending_plan().length + q_len
 
     def next_position(self) -> int:
         """Position the next token must be given (what `get_seq_length()` returns)."""
@@ -192,9 +198,8 @@ class StreamingCache(Cache):
             plan.length = new_length
             plan.host = {"holes": holes, "movers": movers, "evicted_slots": evicted_slots}
             if len(holes):
-                device = self.key_buffer.device
-                plan.src = torch.as_tensor(movers, device=device)
-                plan.dst = torch.as_tensor(holes, device=device)
+                plan.src = self._to_device(movers)
+                plan.dst = self._to_device(holes)
             first_window += n
         if self.relative:
             shift = self.shift
@@ -207,6 +212,12 @@ class StreamingCache(Cache):
             if sink_delta != self.sink_delta and self.n_sink:
                 plan.sink_delta = sink_delta
         return plan
+
+    def _to_device(self, index: np.ndarray) -> torch.Tensor:
+        device = self.key_buffer.device
+        if device.type == "cuda":  # pinned + non_blocking: no host sync inside a decode step
+            return torch.from_numpy(index).pin_memory().to(device, non_blocking=True)
+        return torch.from_numpy(index)
 
     def _commit(self, plan: _Plan, q_len: int) -> None:
         """Advance the host state past `plan` and the q_len appended tokens."""
@@ -242,7 +253,7 @@ class StreamingCache(Cache):
         batch, kv_heads, q_len, head_dim = key_states.shape
         if head_dim != self.rotary.head_dim:
             raise KVStreamError(f"attention head_dim {head_dim} differs from the config's {self.rotary.head_dim}")
-        capacity = self.policy.max_forward_len if self.policy.evicts else 0
+        capacity = max(self.policy.max_forward_len if self.policy.evicts else 0, self.reserve)
         self.rotary = self.rotary.to(key_states.device)
         self._grow(max(capacity, q_len), key_states, value_states)
         if self.n_sink:

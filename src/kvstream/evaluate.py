@@ -1,0 +1,467 @@
+"""Decode-loop evaluation of one (policy, sample) cell, and the `kvstream eval` command.
+
+method.md, "Prefill and the decode loop": prefill feeds x_0 .. x_{P-1} in one forward and scores
+x_1 .. x_P; decode feeds x_P, x_{P+1}, ... one token per step and scores the next one. Every policy
+scores the same N - 1 targets and no token is fed twice. Only the forward and the cache
+maintenance are timed (device synchronised, CUDA events on a GPU); the loss is computed outside
+the timed region, after warm-up steps the step times form TPOT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvstream.errors import KVStreamError
+from kvstream.schedule import POLICY_TYPES, Policy, cache_lengths
+
+NLL_SUFFIX = ".nll.npy"
+
+
+def nll_path(cell_json: str | os.PathLike) -> Path:
+    """`<cell>.nll.npy` beside `<cell>.json`."""
+    p = Path(cell_json)
+    return p.with_name(p.name[: -len(".json")] + NLL_SUFFIX if p.name.endswith(".json") else p.name + NLL_SUFFIX)
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_tokens(path: str | os.PathLike, max_tokens: int | None = None) -> np.ndarray:
+    """A 1-D integer token array from a .npy file (first max_tokens tokens)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KVStreamError(f"--tokens {path}: no such file (the pipeline's tokenize step writes it)")
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except Exception as exc:  # a broken or foreign file
+        raise KVStreamError(f"--tokens {path}: not a readable .npy array ({exc})") from exc
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise KVStreamError(
+            f"--tokens {path}: expected a 1-D array of integer token ids, got shape {tokens.shape} dtype {tokens.dtype}"
+        )
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise KVStreamError(f"--max-tokens must be >= 2, got {max_tokens}")
+        tokens = tokens[:max_tokens]
+    if tokens.size and tokens.min() < 0:
+        raise KVStreamError(f"--tokens {path}: negative token id {int(tokens.min())}")
+    return tokens.astype(np.int64)
+
+
+def check_cell_inputs(tokens: np.ndarray, policy: Policy) -> int:
+    """Validate the token count against the policy; return the prefill length P."""
+    n = len(tokens)
+    prefill = policy.prefill_len(n)
+    if n < prefill + 2 or n <= prefill:
+        limit = "budget C = n_sink + window_size" if policy.evicts else "cap"
+        raise KVStreamError(
+            f"too few tokens for the prefill: N={n} tokens but the prefill takes P={policy.prefill_len(10**12)} "
+            f"({limit}); decoding needs N >= P + 2: use a longer sample (tokens_per_sample / --max-tokens) or a smaller {limit}"
+        )
+    return prefill
+
+
+# ------------------------------------------------------------------------------------------------
+# the decode loop
+
+
+@dataclass
+class CellResult:
+    nll: np.ndarray  # float32, N - 1 values, target order
+    prefill_len: int
+    step_ms: list[float]
+    cache_len: list[int]
+    prefill_time_sec: float
+    decode_time_sec: float
+    runtime_sec: float
+    peak_memory_mb: float
+    memory_kind: str
+    kv_cache_bytes: int
+    extra: dict = field(default_factory=dict)
+
+
+class _Timer:
+    """Per-step wall time of the timed region; CUDA events on a GPU (no host sync inside the loop)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host: list[float] = []
+        self.events: list[tuple] = []
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop(self, started):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.events.append((started, e))
+        else:
+            self.host.append((time.perf_counter() - started) * 1000.0)
+
+    def milliseconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self.events]
+        return self.host
+
+
+class _Memory:
+    """Peak memory during decode: the CUDA allocator's peak, or the process's peak RSS on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda_max_allocated" if self.cuda else "process_peak_rss"
+
+    def reset(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:  # Linux: writing 5 resets the peak RSS (VmHWM) to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.kind = "process_peak_rss_since_start"
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+        import resource
+
+        self.kind = "process_peak_rss_since_start"
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-target NLL in float32 (logits [T, V], targets [T])."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, progress: bool = False) -> CellResult:
+    """Evaluate one policy on one token sequence (the model is already on its device)."""
+    from kvstream.cache import StreamingCache
+
+    policy = policy.resolved()
+    prefill = check_cell_inputs(tokens, policy)
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(tokens, device=device)
+    n = len(tokens)
+    steps = n - 1 - prefill
+    nll = torch.empty(n - 1, dtype=torch.float32, device=device)
+    timer, memory = _Timer(device), _Memory(device)
+    cache_len: list[int] = []
+    bar = _progress(steps, policy.type, progress)
+    t_run = time.perf_counter()
+
+    with torch.inference_mode():
+        cache = None
+        if policy.type != "recompute":
+            reserve = n if policy.type == "dense" else None
+            cache = StreamingCache(model, policy, rebase_at="auto", reserve=reserve)
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = model(ids[None, :prefill], cache=cache, use_cache=cache is not None).logits[0]
+        nll[:prefill] = _nll_of(logits, ids[1 : prefill + 1])
+        del logits
+        _sync(device)
+        prefill_time = time.perf_counter() - t0
+        memory.reset()
+
+        t0 = time.perf_counter()
+        for t in range(prefill, n - 1):
+            if policy.type == "recompute":
+                start = max(0, t + 1 - policy.cap)
+                cache_len.append(t + 1 - start)
+                started = timer.start()
+                logits = model(ids[None, start : t + 1], use_cache=False, logits_to_keep=1).logits[0, -1]
+                timer.stop(started)
+            else:
+                cache_len.append(cache.next_forward_length(1))
+                started = timer.start()
+                logits = model(ids[None, t : t + 1], cache=cache).logits[0, -1]
+                timer.stop(started)
+            nll[t] = _nll_of(logits[None], ids[t + 1 : t + 2])[0]
+            if bar is not None:
+                bar.update(1)
+        _sync(device)
+        decode_time = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    step_ms = timer.milliseconds()
+    peak = memory.peak_mb()
+    nll_host = nll.cpu().numpy()
+    if not np.all(np.isfinite(nll_host)):
+        bad = int(np.flatnonzero(~np.isfinite(nll_host))[0])
+        raise KVStreamError(
+            f"the loss is NaN or inf at target {bad + 1} (policy {policy.type}): try --dtype float32 or bfloat16"
+        )
+    extra = {}
+    if cache is not None:
+        extra = {"eviction_events": cache.events, "rebases": cache.rebases}
+        if policy.evicts:
+            expected = cache_lengths(policy, n)
+            if expected != cache_len:  # the cache must follow the pure schedule exactly
+                raise RuntimeError("internal error: the cache's lengths differ from the schedule function")
+    return CellResult(
+        nll=nll_host.astype(np.float32),
+        prefill_len=prefill,
+        step_ms=step_ms,
+        cache_len=cache_len,
+        prefill_time_sec=prefill_time,
+        decode_time_sec=decode_time,
+        runtime_sec=time.perf_counter() - t_run,
+        peak_memory_mb=peak,
+        memory_kind=memory.kind,
+        kv_cache_bytes=0 if cache is None else cache.kv_cache_bytes,
+        extra=extra,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A progress bar on a terminal, nothing in logs."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="tok", leave=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# the cell JSON
+
+
+def summarize(result: CellResult, policy: Policy, warmup: int) -> dict:
+    """The metrics of method.md, original key names kept."""
+    nll = result.nll.astype(np.float64)
+    decode = nll[result.prefill_len :]
+    timed = np.asarray(result.step_ms[warmup:] if len(result.step_ms) > warmup else result.step_ms, dtype=np.float64)
+    tpot = float(np.median(timed)) if len(timed) else None
+    d = policy.as_dict()
+    d["prefill_len"] = result.prefill_len
+    return {
+        "policy": d,
+        "metrics": {
+            "speedup": None,
+            "tpot_ms": tpot,
+            "ppl_increase_percent": None,
+            "peak_memory_mb": result.peak_memory_mb,
+        },
+        "streaming": {
+            "perplexity": float(np.exp(nll.mean())),
+            "decode_perplexity": float(np.exp(decode.mean())) if len(decode) else None,
+            "runtime_sec": result.runtime_sec,
+            "prefill_time_sec": result.prefill_time_sec,
+            "decode_time_sec": result.decode_time_sec,
+            "decode_tokens": len(result.step_ms),
+            "n_targets": int(len(nll)),
+            "nll_sum": float(nll.sum()),
+            "n_decode_targets": int(len(decode)),
+            "decode_nll_sum": float(decode.sum()),
+        },
+        "timing": {
+            "tpot_ms_median": tpot,
+            "tpot_ms_mean": float(timed.mean()) if len(timed) else None,
+            "tpot_ms_p90": float(np.percentile(timed, 90)) if len(timed) else None,
+            "warmup_steps": min(warmup, len(result.step_ms)),
+            "timed_steps": int(len(timed)),
+            "step_ms": [round(x, 4) for x in result.step_ms],
+        },
+        "memory": {
+            "peak_memory_mb": result.peak_memory_mb,
+            "kv_cache_bytes": result.kv_cache_bytes,
+            "memory_kind": result.memory_kind,
+        },
+        "trace": {"cache_len": result.cache_len},
+        "cache": result.extra,
+    }
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None, None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def provenance(args: argparse.Namespace, policy: Policy, device: torch.device, dtype: torch.dtype, n_tokens: int) -> dict:
+    import transformers
+
+    commit, dirty = _git_state()
+    hashed = {
+        "model": str(args.model), "tokens_sha256": _sha256(args.tokens), "policy": policy.as_dict(),
+        "dtype": str(dtype), "max_tokens": args.max_tokens, "warmup": args.warmup, "seed": args.seed,
+    }
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "cpu_count": os.cpu_count(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "config_hash": hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16],
+        "seed": args.seed,
+        "model": str(args.model),
+        "tokens_file": str(args.tokens),
+        "n_tokens": n_tokens,
+        "hostname": socket.gethostname(),
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+
+def policy_from_args(args: argparse.Namespace) -> Policy:
+    return Policy(
+        type=args.policy,
+        n_sink=args.n_sink,
+        window_size=args.window_size,
+        compress_every=args.compress_every,
+        cache_slack=args.cache_slack,
+        max_drop=args.max_drop,
+        budget_mode=args.budget_mode,
+        cap=args.cap,
+        positions=args.positions,
+    ).resolved()
+
+
+def _optional_int(value: str):
+    if value.lower() in ("none", "null", "inf", ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {value!r}")
+
+
+def _label(value: str) -> tuple[str, str]:
+    if "=" not in value:
+        raise argparse.ArgumentTypeError(f"--label expects KEY=VALUE, got {value!r}")
+    key, val = value.split("=", 1)
+    return key, val
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate one (policy, sample) cell: NLL, PPL, TPOT, memory, cache trace")
+    p.add_argument("--model", required=True, help="model directory or Hugging Face Hub id")
+    p.add_argument("--tokens", required=True, help="1-D .npy of int token ids")
+    p.add_argument("--policy", required=True, choices=POLICY_TYPES)
+    p.add_argument("--n-sink", type=int, default=4, help="S: attention-sink tokens never evicted (sink)")
+    p.add_argument("--window-size", type=int, default=None, help="W: most recent tokens kept (window, sink with fixed budget)")
+    p.add_argument("--compress-every", type=int, default=1, help="R: evict only when overflow >= R (lazy pruning)")
+    p.add_argument("--cache-slack", type=int, default=0, help="sigma: overflow allowed to remain after an event")
+    p.add_argument("--max-drop", type=_optional_int, default=None, help="delta: most tokens one event removes (none = no cap)")
+    p.add_argument("--budget-mode", choices=("fixed", "cap"), default="fixed")
+    p.add_argument("--cap", type=int, default=None, help="recompute window / prefill length; the peak length in budget mode cap")
+    p.add_argument("--positions", choices=("relative", "absolute"), default="relative")
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
+    p.add_argument("--warmup", type=int, default=8, help="decode steps left out of the timing statistics")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", type=_label, action="append", default=[], help="KEY=VALUE stored under 'cell' in the JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on a terminal")
+    p.add_argument("--out", required=True, help="cell JSON path; the per-target NLL goes beside it as <cell>.nll.npy")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from kvstream.data import atomic_path
+    from kvstream.models import load_model, resolve_device, resolve_dtype
+
+    # Everything that can be checked without the model is checked first.
+    if not str(args.out).endswith(".json"):
+        raise KVStreamError(f"--out {args.out}: must end in .json")
+    if args.warmup < 0:
+        raise KVStreamError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise KVStreamError(f"--threads must be >= 1, got {args.threads}")
+    policy = policy_from_args(args)
+    tokens = load_tokens(args.tokens, args.max_tokens)
+    check_cell_inputs(tokens, policy)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    model, _ = load_model(args.model, device=device, dtype=dtype)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(tokens.max()) >= vocab:
+        raise KVStreamError(
+            f"--tokens {args.tokens}: token id {int(tokens.max())} is out of the model's vocabulary ({vocab}): "
+            "were the tokens made with this model's tokenizer?"
+        )
+    result = run_cell(model, tokens, policy, warmup=args.warmup, progress=args.progress)
+    record = {"cell": dict(args.label)}
+    record.update(summarize(result, policy, args.warmup))
+    record["provenance"] = provenance(args, policy, device, dtype, len(tokens))
+
+    out = Path(args.out)
+    with atomic_path(nll_path(out)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, result.nll)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    s = record["streaming"]
+    print(
+        f"{policy.type}: ppl {s['perplexity']:.4f} decode ppl {s['decode_perplexity']:.4f} "
+        f"tpot {record['metrics']['tpot_ms']:.2f} ms peak {result.peak_memory_mb:.0f} MB -> {out}",
+        file=sys.stderr,
+    )
+    return 0
