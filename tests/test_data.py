@@ -320,7 +320,8 @@ def test_tokenize_selects_first_long_enough_documents(tmp_path, tiny_model_dir, 
     assert manifest["tokenizer"] == "embedded:tiny-llama"
     assert manifest["samples"][0]["tokenizer"] == "embedded:tiny-llama"
     assert manifest["documents_scanned"] == 3
-    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "s7.npy").write_bytes(b"stale sample of an earlier run")
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "s7.npy"}
     code, _ = run_cli(argv, capsys)
     assert code == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # deterministic
@@ -363,3 +364,30 @@ def test_select_samples_stops_tokenizing_when_enough(tiny_model_dir):
     assert [s["id"] for s in samples] == ["d1", "d2"] and scanned == 3
     samples, scanned = data.select_samples(tokenizer, documents(), 1, 200)
     assert [s["id"] for s in samples] == ["d3"] and scanned == 4
+
+
+def test_wikitext_from_hub_rows(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(path, name=None, split=None, streaming=False, **kwargs):
+        calls.append((path, name, split, streaming))
+        return iter([{"text": line} for line in ["", *WIKI_LINES]])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    out = tmp_path / "docs.jsonl"
+    assert data.fetch_text("wikitext", out) == 2
+    assert calls == [("Salesforce/wikitext", "wikitext-103-raw-v1", "test", True)]
+    assert data.fetch_text("wikitext", out, wikitext_mode="one") == 1
+
+
+def test_pg19_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({
+        "test": datasets.Dataset.from_list([pg19_record(i, f"t{i}") for i in range(2)]),
+        "train": datasets.Dataset.from_list([pg19_record(9, "t9")]),
+    }).save_to_disk(str(folder))
+    assert [d["id"] for d in data.pg19_documents(folder)] == ["pg19-1000", "pg19-1001"]
+    with pytest.raises(KVStreamError, match="--split 'validation'"):
+        list(data.pg19_documents(folder, split="validation"))

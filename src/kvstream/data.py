@@ -635,6 +635,10 @@ def tokenize(model: str | os.PathLike, documents: str | os.PathLike, n_samples: 
         "samples": entries,
     }
     write_json(out_dir / "manifest.json", manifest)
+    keep = {e["file"] for e in entries}
+    for stale in out_dir.glob("s*.npy"):  # samples of an earlier run with a larger n_samples
+        if re.fullmatch(r"s\d+\.npy", stale.name) and stale.name not in keep:
+            stale.unlink()
     return manifest
 
 

