@@ -1,0 +1,281 @@
+"""Figures of the study (matplotlib, Agg backend, vector PDF + PNG), from aggregates and measured cells.
+
+- `tradeoff`: speedup vs PPL increase for every policy, 95 % bootstrap intervals as error bars;
+- `sweep_{experiment}`: PPL increase and speedup against the swept knob;
+- `cache_trace`: the MEASURED cache length (`trace.cache_len` of cells) over the first decode steps for
+  sink policies with R = 1, 32, 64 (or whichever R values exist);
+- `nll_along`: per-token NLL (moving average) along the sequence for recompute, window and a sink policy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from kvstream import report
+
+FIGSIZE = (5.5, 3.2)
+# Colour-blind safe (Okabe-Ito)
+COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({
+        "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
+        "xtick.labelsize": 7, "ytick.labelsize": 7, "figure.dpi": 100, "savefig.dpi": 200,
+        "pdf.fonttype": 42, "ps.fonttype": 42, "axes.spines.top": False, "axes.spines.right": False,
+        "svg.hashsalt": "kvstream", "path.simplify": True,
+    })
+    return plt
+
+
+def save(fig, out_dir: str | os.PathLike, name: str, extra_dirs: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Write {name}.pdf and {name}.png (reproducible: no creation date in the PDF)."""
+    out = []
+    for d in [out_dir, *extra_dirs]:
+        d = Path(d)
+        d.mkdir(parents=True, exist_ok=True)
+        for ext in ("pdf", "png"):
+            p = d / f"{name}.{ext}"
+            kw = {"metadata": {"CreationDate": None}} if ext == "pdf" else {"metadata": {"Software": None}}
+            fig.savefig(p, bbox_inches="tight", **kw)
+            out.append(p)
+    return out
+
+
+def _err(rows, name):
+    v = np.array([r.get(name, np.nan) for r in rows], dtype=float)
+    lo = np.array([r.get(f"{name}_lo", np.nan) for r in rows], dtype=float)
+    hi = np.array([r.get(f"{name}_hi", np.nan) for r in rows], dtype=float)
+    lo = np.where(np.isfinite(lo), v - lo, 0.0)
+    hi = np.where(np.isfinite(hi), hi - v, 0.0)
+    return v, np.vstack([np.maximum(lo, 0), np.maximum(hi, 0)])
+
+
+SHORT = {"recompute": "Recompute", "dense": "Dense", "window": "Window", "mit_streaming": "StreamingLLM",
+         "ours_eager": "Eager", "ours_best": "Best", "ours_softlite": "Softlite"}
+
+
+def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "tradeoff") -> list[Path]:
+    """Speedup vs PPL increase for all policies (each policy once: first experiment that has it).
+    A policy far outside the others' range (the sink-less window) is drawn at the edge with its value."""
+    plt = _plt()
+    seen: dict[str, dict] = {}
+    order = ["table1", "table2"] + sorted(e for e in aggs if e not in ("table1", "table2"))
+    for exp in order:
+        agg = aggs.get(exp)
+        if not agg:
+            continue
+        for pol in agg["policies_order"]:
+            r = agg["policies"][pol]
+            if pol not in seen and not r.get("is_reference") and np.isfinite(r.get("speedup", np.nan)) \
+                    and np.isfinite(r.get("ppl_increase_percent", np.nan)):
+                seen[pol] = dict(r, _exp=exp)
+    rows = list(seen.values())
+    xs = np.array([r["ppl_increase_percent"] for r in rows]) if rows else np.zeros(0)
+    # off-scale: more than 4x the spread of the rest away from their median
+    off = set()
+    if xs.size >= 4:
+        med = np.median(xs)
+        spread = np.percentile(np.abs(xs - med), 75) + 1e-9
+        off = {r["policy"] for r in rows if abs(r["ppl_increase_percent"] - med) > 8 * spread + 1.0}
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    groups = [("table1", "main presets", "o"), ("table2", "sigma/delta ablation", "s"), ("sweep", "sweeps", "^")]
+    for gi, (exp, lab, marker) in enumerate(groups):
+        sel = [r for r in rows if r["policy"] not in off and
+               (r["_exp"] == exp if exp != "sweep" else r["_exp"] not in ("table1", "table2"))]
+        if not sel:
+            continue
+        x, xerr = _err(sel, "ppl_increase_percent")
+        y, yerr = _err(sel, "speedup")
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, ms=4 if exp == "table1" else 3,
+                    color=COLORS[gi], ecolor=COLORS[gi], elinewidth=0.6, capsize=1.5, label=lab, alpha=0.9,
+                    zorder=3 if exp == "table1" else 2)
+        if exp == "table1":
+            for k, (r, xi, yi) in enumerate(sorted(zip(sel, x, y), key=lambda t: t[2])):
+                ax.annotate(SHORT.get(r["policy"], r["policy"]), (xi, yi), xytext=(5 if k % 2 else -5, 2),
+                            ha="left" if k % 2 else "right", textcoords="offset points", fontsize=6,
+                            color=COLORS[0])
+    ax.axvline(0, color="0.6", lw=0.6, ls=":")
+    for r in rows:
+        if r["policy"] in off:
+            side = 1 if r["ppl_increase_percent"] > 0 else 0
+            ax.annotate(f"{SHORT.get(r['policy'], r['policy'])}: {r['ppl_increase_percent']:+.1f}%, "
+                        f"{r['speedup']:.2f}x (off scale)", xy=(side, r["speedup"]),
+                        xycoords=("axes fraction", "data"), xytext=(-4 if side else 4, 0),
+                        textcoords="offset points", ha="right" if side else "left", va="center", fontsize=6,
+                        color=COLORS[3], arrowprops=None)
+            ax.plot([side], [r["speedup"]], marker=">" if side else "<", color=COLORS[3], ms=5,
+                    transform=ax.get_yaxis_transform(), clip_on=False)
+    ax.set_xlabel("PPL increase vs. full recomputation (%)")
+    ax.set_ylabel("speedup vs. full recomputation (x)")
+    ax.legend(frameon=False, loc="best")
+    ax.set_title("Quality/speed trade-off (bars: 95% bootstrap CI over samples, where estimable)")
+    out = save(fig, out_dir, name, extra_dirs)
+    plt.close(fig)
+    return out
+
+
+def sweep(agg: Mapping, experiment: str, out_dir, extra_dirs=(), name: str | None = None) -> list[Path]:
+    plt = _plt()
+    knob = report.sweep_knob(experiment, agg) or "compress_every"
+    rows = [r for r in agg["policies"].values() if r.get("type") == "sink"]
+    finite = [r for r in rows if r.get(knob) is not None]
+    inf_rows = [r for r in rows if r.get(knob) is None]
+    finite.sort(key=lambda r: r[knob])
+    fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0], 2.3))
+    xs = [r[knob] for r in finite]
+    knob_label = {"compress_every": "R (prune every R overflow tokens)", "cache_slack": "slack sigma",
+                  "max_drop": "max-drop delta", "n_sink": "sinks S", "window_size": "window W"}.get(knob, knob)
+    for ax, metric, ylab in ((axes[0], "ppl_increase_percent", "PPL increase (%)"),
+                             (axes[1], "speedup", "speedup (x)")):
+        y, yerr = _err(finite, metric)
+        ax.errorbar(xs, y, yerr=yerr, fmt="o-", ms=3.5, lw=1, color=COLORS[0], capsize=2, elinewidth=0.7)
+        for r in inf_rows:  # delta = infinity
+            v = r.get(metric, np.nan)
+            ax.axhline(v, color=COLORS[1], ls="--", lw=0.8, label=f"{knob_label} = inf")
+        if xs and min(xs) > 0 and max(xs) / max(min(xs), 1e-9) >= 16:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([report.fmt_knob(x) for x in xs])
+        ax.set_xlabel(knob_label)
+        ax.set_ylabel(ylab)
+        if inf_rows:
+            ax.legend(frameon=False)
+    fig.suptitle(f"{experiment}: pooled estimate and 95% bootstrap CI over {agg['n_samples']} samples", fontsize=8)
+    fig.tight_layout()
+    out = save(fig, out_dir, name or experiment, extra_dirs)
+    plt.close(fig)
+    return out
+
+
+def _cells_by_policy(cell_paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, dict]]:
+    return report.group_cells(cell_paths)
+
+
+def cache_trace(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), name: str = "cache_trace",
+                r_values: Sequence[int] = (1, 32, 64), steps: int = 400) -> list[Path]:
+    """The measured `trace.cache_len` of the first sample for one sink policy per R value (those that
+    differ only in R are preferred: the family with most R values)."""
+    plt = _plt()
+    by = _cells_by_policy(cell_paths)
+    sinks = {}
+    for pol, cells in by.items():
+        c = cells[sorted(cells, key=lambda s: (len(s), s))[0]]
+        if c["policy"].get("type") == "sink" and (c.get("trace") or {}).get("cache_len"):
+            sinks[pol] = c
+    # family: same (S, W, sigma, delta); pick the one covering most requested R values
+    fams: dict[tuple, dict[int, tuple[str, dict]]] = {}
+    for pol, c in sinks.items():
+        p = c["policy"]
+        key = (p.get("n_sink"), p.get("window_size"), p.get("cache_slack"), p.get("max_drop"), p.get("budget_mode"))
+        r = p.get("compress_every")
+        prev = fams.setdefault(key, {}).get(r)
+        if prev is None or pol < prev[0]:
+            fams[key][r] = (pol, c)
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    if fams:
+        key = max(fams, key=lambda k: (sum(r in fams[k] for r in r_values), len(fams[k])))
+        fam = fams[key]
+        chosen = [r for r in r_values if r in fam] or sorted(fam)[:3]
+        budget = None
+        for i, r in enumerate(chosen):
+            pol, c = fam[r]
+            tr = np.asarray(c["trace"]["cache_len"])[:steps]
+            ax.step(np.arange(tr.size), tr, where="post", lw=0.9, color=COLORS[i],
+                    label=f"R={r} ({pol}, max {int(tr.max())})")
+            budget = c["policy"].get("budget")
+        if budget:
+            ax.axhline(budget, color="0.4", ls=":", lw=0.8, label=f"budget C = {budget}")
+        s, w, sig, dl, _ = key
+        ax.set_title(f"Measured cache length per decode step (S={s}, W={w}, sigma={sig}, "
+                     f"delta={'inf' if dl is None else dl}; sample 0)")
+    else:
+        ax.text(0.5, 0.5, "no sink cells with a trace", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("tokens attended by the forward")
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    out = save(fig, out_dir, name, extra_dirs)
+    plt.close(fig)
+    return out
+
+
+def moving_average(x: np.ndarray, k: int) -> np.ndarray:
+    k = max(1, min(int(k), x.size))
+    c = np.cumsum(np.insert(np.asarray(x, dtype=float), 0, 0.0))
+    return (c[k:] - c[:-k]) / k
+
+
+def nll_along(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), name: str = "nll_along",
+              policies: Sequence[str] = ("recompute", "window", "mit_streaming"), smooth: int = 64) -> list[Path]:
+    """Per-token NLL along the sequence (mean over samples, then a moving average); lower panel: the
+    difference to the first policy (recompute) on the same targets."""
+    plt = _plt()
+    by = _cells_by_policy(cell_paths)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(FIGSIZE[0], 4.0), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 2]})
+    prefill = None
+    n_s = 0
+    base = None
+    k_used = smooth
+    for i, pol in enumerate(policies):
+        if pol not in by:
+            continue
+        cells = by[pol]
+        keys = sorted(cells, key=lambda s: (len(s), s))
+        arrs = [report.load_nll(cells[s]["_path"]) for s in keys]
+        n = min(a.size for a in arrs)
+        mean = np.mean([a[:n] for a in arrs], axis=0)
+        k_used = k = min(smooth, max(1, n // 8))
+        ma = moving_average(mean, k)
+        x = np.arange(ma.size) + k
+        c0 = cells[keys[0]]
+        lab = report.display_name(pol, c0["policy"])
+        ax.plot(x, ma, lw=0.9, color=COLORS[i], label=lab)
+        if base is None:
+            base = (pol, mean)
+        else:
+            m = min(base[1].size, mean.size)
+            d = moving_average(mean[:m] - base[1][:m], k)
+            ax2.plot(np.arange(d.size) + k, d, lw=0.9, color=COLORS[i], label=f"{lab} - {base[0]}")
+        if pol != "recompute" and prefill is None:
+            prefill = c0["policy"].get("prefill_len")
+        n_s = max(n_s, len(arrs))
+    for a in (ax, ax2):
+        if prefill:
+            a.axvline(prefill, color="0.5", ls=":", lw=0.8)
+    if prefill:
+        ax.text(prefill, ax.get_ylim()[1], " end of prefill", fontsize=6, va="top", color="0.4")
+    ax2.axhline(0, color="0.6", lw=0.6)
+    ax2.set_xlabel("target position in the sample")
+    ax.set_ylabel(f"NLL (nats)")
+    ax2.set_ylabel("difference (nats)")
+    ax.set_title(f"Per-token NLL along the sequence (mean over {n_s} samples, moving average of {k_used})")
+    ax.legend(frameon=False, fontsize=6)
+    if ax2.lines:
+        ax2.legend(frameon=False, fontsize=6)
+    fig.tight_layout()
+    out = save(fig, out_dir, name, extra_dirs)
+    plt.close(fig)
+    return out
+
+
+def all_figures(aggs: Mapping[str, Mapping], cell_paths: Sequence[str | os.PathLike], out_dir,
+                extra_dirs=()) -> list[Path]:
+    out = tradeoff(aggs, out_dir, extra_dirs)
+    for exp, agg in aggs.items():
+        if exp.startswith("sweep"):
+            out += sweep(agg, exp, out_dir, extra_dirs)
+    if cell_paths:
+        out += cache_trace(cell_paths, out_dir, extra_dirs)
+        out += nll_along(cell_paths, out_dir, extra_dirs)
+    return out

@@ -1,0 +1,262 @@
+"""Aggregation math, tables and macros on small hand-made cells (docs/INTERFACES.md format).
+
+The cells here are synthetic test inputs written by the test; they are not results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvstream import report
+
+# ------------------------------------------------------------------------------ synthetic cells
+PRESETS = {
+    "recompute": {"type": "recompute"},
+    "window": {"type": "window", "window_size": 16},
+    "mit_streaming": {"type": "sink", "n_sink": 4, "window_size": 12, "compress_every": 1, "cache_slack": 0,
+                      "max_drop": None},
+    "ours_eager": {"type": "sink", "n_sink": 8, "window_size": 8, "compress_every": 1, "cache_slack": 4,
+                   "max_drop": 8},
+    "ours_best": {"type": "sink", "n_sink": 8, "window_size": 8, "compress_every": 8, "cache_slack": 4,
+                  "max_drop": 8},
+    "ours_softlite": {"type": "sink", "n_sink": 8, "window_size": 8, "compress_every": 4, "cache_slack": 4,
+                      "max_drop": 8},
+    "abl_s0_dnull": {"type": "sink", "n_sink": 8, "window_size": 8, "compress_every": 4, "cache_slack": 0,
+                     "max_drop": None},
+    "abl_s4_dnull": {"type": "sink", "n_sink": 8, "window_size": 8, "compress_every": 4, "cache_slack": 4,
+                     "max_drop": None},
+    "abl_s0_d8": {"type": "sink", "n_sink": 8, "window_size": 8, "compress_every": 4, "cache_slack": 0,
+                  "max_drop": 8},
+    "sweep_r2": {"type": "sink", "n_sink": 8, "window_size": 8, "compress_every": 2, "cache_slack": 4,
+                 "max_drop": 8},
+}
+
+
+def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: float, *,
+              params: dict | None = None, prefill: int = 16, trace: list[int] | None = None,
+              peak_mb: float = 100.0, model: str = "tiny", dataset: str = "toy") -> Path:
+    """Write results/cells/{model}/{dataset}/{policy}/s{i}.json and .nll.npy as `kvstream eval` does."""
+    params = dict(params or PRESETS[policy])
+    d = root / "results" / "cells" / model / dataset / policy
+    d.mkdir(parents=True, exist_ok=True)
+    nll = np.asarray(nll, dtype=np.float32)
+    n = nll.size
+    dec = nll[prefill - 1:]
+    budget = (params.get("n_sink") or 0) + (params.get("window_size") or 0) if params["type"] == "sink" else \
+        params.get("window_size") or 16
+    steps = n + 1 - prefill
+    if trace is None:
+        trace = [budget + 1] * steps
+    step_ms = [tpot_ms] * steps
+    cell = {
+        "cell": {"model": model, "dataset": dataset, "policy": policy, "sample": str(sample)},
+        "policy": {"type": params["type"], "n_sink": params.get("n_sink"), "window_size": params.get("window_size"),
+                   "compress_every": params.get("compress_every"), "cache_slack": params.get("cache_slack"),
+                   "max_drop": params.get("max_drop"), "budget_mode": "fixed", "cap": 16,
+                   "positions": "relative", "budget": budget, "max_forward_len": max(trace),
+                   "prefill_len": prefill},
+        "metrics": {"speedup": None, "tpot_ms": tpot_ms, "ppl_increase_percent": None,
+                    "peak_memory_mb": peak_mb},
+        "streaming": {"perplexity": float(np.exp(nll.astype(np.float64).mean())),
+                      "decode_perplexity": float(np.exp(dec.astype(np.float64).mean())),
+                      "runtime_sec": steps * tpot_ms / 1000 + 0.1, "prefill_time_sec": 0.1,
+                      "decode_time_sec": steps * tpot_ms / 1000, "decode_tokens": steps,
+                      "n_targets": n, "nll_sum": float(nll.astype(np.float64).sum()),
+                      "n_decode_targets": int(dec.size), "decode_nll_sum": float(dec.astype(np.float64).sum())},
+        "timing": {"tpot_ms_median": tpot_ms, "tpot_ms_mean": tpot_ms * 1.05, "tpot_ms_p90": tpot_ms * 1.2,
+                   "warmup_steps": 2, "step_ms": step_ms},
+        "memory": {"peak_memory_mb": peak_mb, "kv_cache_bytes": 4096 * budget,
+                   "memory_kind": "process_peak_rss"},
+        "trace": {"cache_len": list(map(int, trace))},
+        "provenance": {"git_commit": "0123456789abcdef", "git_dirty": False, "torch": "2.13.0",
+                       "transformers": "5.24.0", "python": "3.11.2", "device": "cpu", "device_name": "TestCPU",
+                       "dtype": "float32", "threads": 1, "config_hash": "x", "seed": 0, "model": model,
+                       "tokens_file": f"s{sample}.npy", "n_tokens": n + 1, "hostname": "h",
+                       "started_at": "2026-01-01T00:00:00"},
+    }
+    path = d / f"s{sample}.json"
+    path.write_text(json.dumps(cell))
+    np.save(d / f"s{sample}.nll.npy", nll)
+    return path
+
+
+def make_experiment(root: Path, policies: list[str], n_samples: int = 3, n_tokens: int = 64,
+                    seed: int = 1) -> list[Path]:
+    """Cells for every policy; NLL and TPOT differ by policy in a known way."""
+    rng = np.random.default_rng(seed)
+    base = [rng.uniform(1.0, 4.0, size=n_tokens - 1) for _ in range(n_samples)]
+    paths = []
+    for k, pol in enumerate(policies):
+        for i in range(n_samples):
+            shift = 0.0 if pol == "recompute" else 0.01 * (k + 1) + 0.005 * i
+            tpot = 100.0 if pol == "recompute" else 10.0 + k + i
+            paths.append(make_cell(root, pol, i, base[i] + shift, tpot))
+    return paths
+
+
+# ------------------------------------------------------------------------------------- tests
+def test_pooled_ppl_increase_and_geomean_speedup(tmp_path):
+    a0 = np.array([1.0, 2.0, 3.0])
+    a1 = np.array([2.0, 2.0])
+    b0 = a0 + 0.5
+    b1 = a1 + 0.1
+    paths = [make_cell(tmp_path, "recompute", 0, a0, 100.0, prefill=2),
+             make_cell(tmp_path, "recompute", 1, a1, 90.0, prefill=2),
+             make_cell(tmp_path, "mit_streaming", 0, b0, 10.0, prefill=2),
+             make_cell(tmp_path, "mit_streaming", 1, b1, 20.0, prefill=2)]
+    agg = report.aggregate(paths, experiment="t", policies=["recompute", "mit_streaming"], n_boot=200)
+    rec, mit = agg["policies"]["recompute"], agg["policies"]["mit_streaming"]
+    ref_ppl = math.exp((6.0 + 4.0) / 5)
+    ppl = math.exp((6.0 + 1.5 + 4.0 + 0.2) / 5)  # pooled: total nll / total targets, not mean of PPLs
+    assert rec["ppl"] == pytest.approx(ref_ppl, rel=1e-6)
+    assert mit["ppl"] == pytest.approx(ppl, rel=1e-6)
+    assert mit["ppl_increase_percent"] == pytest.approx(100 * (ppl / ref_ppl - 1), rel=1e-6)
+    # decode targets: after prefill (prefill=2 -> targets from index 1)
+    dref = math.exp((2 + 3 + 2) / 3)
+    dmit = math.exp((2.5 + 3.5 + 2.1) / 3)
+    assert mit["decode_ppl_increase_percent"] == pytest.approx(100 * (dmit / dref - 1), rel=1e-5)
+    assert mit["speedup"] == pytest.approx(math.sqrt((100 / 10) * (90 / 20)), rel=1e-9)
+    assert mit["metrics"]["speedup"] == mit["speedup"]
+    assert mit["metrics"]["ppl_increase_percent"] == mit["ppl_increase_percent"]
+    assert rec["speedup"] == 1.0 and rec["ppl_increase_percent"] == 0.0
+    assert mit["tpot_ms"] == pytest.approx(15.0)
+
+
+def test_bootstrap_interval_contains_point(tmp_path):
+    paths = make_experiment(tmp_path, ["recompute", "mit_streaming", "ours_best"], n_samples=5)
+    agg = report.aggregate(paths, experiment="t", policies=["recompute", "mit_streaming", "ours_best"])
+    for pol in ("mit_streaming", "ours_best"):
+        r = agg["policies"][pol]
+        for name in ("ppl", "ppl_increase_percent", "speedup", "tpot_ms", "decode_ppl"):
+            assert r[f"{name}_lo"] <= r[name] <= r[f"{name}_hi"], (pol, name)
+            assert r[f"{name}_lo"] < r[f"{name}_hi"], (pol, name)
+    # seeded: the same inputs give the same intervals
+    again = report.aggregate(paths, experiment="t", policies=["recompute", "mit_streaming", "ours_best"])
+    assert again["policies"]["ours_best"]["speedup_lo"] == agg["policies"]["ours_best"]["speedup_lo"]
+
+
+def test_single_sample_interval_is_degenerate(tmp_path):
+    paths = make_experiment(tmp_path, ["recompute", "mit_streaming"], n_samples=1)
+    agg = report.aggregate(paths, experiment="t", policies=["recompute", "mit_streaming"])
+    r = agg["policies"]["mit_streaming"]
+    assert math.isfinite(r["ppl_increase_percent"])
+    assert math.isnan(r["ppl_increase_percent_lo"]) and math.isnan(r["speedup_hi"])
+    assert "single sample" in r["ci_note"] and agg["n_boot"] == 0
+    report.write_aggregate(agg, tmp_path / "a.json", tmp_path / "a.csv")
+    back = report.read_aggregate(tmp_path / "a.json")
+    assert math.isnan(back["policies"]["mit_streaming"]["speedup_lo"])
+    table = report.experiment_table(back, "table1")
+    assert r"\ci{" not in table  # no fake interval printed
+    assert "1 sample: no interval" in table
+
+
+def test_only_shared_samples_are_used(tmp_path):
+    paths = make_experiment(tmp_path, ["recompute", "mit_streaming"], n_samples=3)
+    extra = make_cell(tmp_path, "recompute", 7, np.ones(63), 100.0)
+    agg = report.aggregate(paths + [extra], experiment="t", policies=["recompute", "mit_streaming"])
+    assert agg["samples"] == ["s0", "s1", "s2"]
+
+
+def test_missing_policy_is_an_error(tmp_path):
+    paths = make_experiment(tmp_path, ["recompute"], n_samples=2)
+    with pytest.raises(report.KVStreamError, match="ours_best"):
+        report.aggregate(paths, experiment="t", policies=["recompute", "ours_best"])
+
+
+def test_csv_json_outputs(tmp_path):
+    paths = make_experiment(tmp_path, ["recompute", "mit_streaming"], n_samples=2)
+    agg = report.aggregate(paths, experiment="table1", policies=["recompute", "mit_streaming"])
+    report.write_aggregate(agg, tmp_path / "agg.json", tmp_path / "agg.csv")
+    data = json.loads((tmp_path / "agg.json").read_text())
+    assert data["policies"]["mit_streaming"]["metrics"]["speedup"] == pytest.approx(agg["policies"]["mit_streaming"]["speedup"])
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "agg.csv")
+    assert list(df["policy"]) == ["recompute", "mit_streaming"]
+    assert df.loc[1, "ppl_increase_percent"] == pytest.approx(agg["policies"]["mit_streaming"]["ppl_increase_percent"])
+
+
+def _all_aggs(root: Path) -> dict:
+    t1 = ["recompute", "mit_streaming", "ours_eager", "ours_best", "ours_softlite", "window"]
+    t2 = ["recompute", "abl_s0_dnull", "abl_s4_dnull", "abl_s0_d8", "ours_softlite"]
+    sw = ["recompute", "ours_eager", "sweep_r2", "ours_softlite", "ours_best"]
+    paths = make_experiment(root, sorted(set(t1 + t2 + sw)), n_samples=3)
+    out = {}
+    for name, pols in (("table1", t1), ("table2", t2), ("sweep_compress_every", sw)):
+        cells = [p for p in paths if p.parent.name in pols]
+        out[name] = report.aggregate(cells, experiment=name, policies=pols)
+    return out
+
+
+def test_tables_and_macros(tmp_path):
+    aggs = _all_aggs(tmp_path)
+    files = report.write_tables(aggs, tmp_path / "tables", config={"eval": {"cap": 16}})
+    names = sorted(p.name for p in files)
+    assert names == ["reproduction.tex", "setup.tex", "sweep_compress_every.tex", "table1.tex", "table2.tex"]
+    t1 = (tmp_path / "tables" / "table1.tex").read_text()
+    assert r"\toprule" in t1 and r"\bottomrule" in t1
+    best = aggs["table1"]["policies"]["ours_best"]
+    assert report.fmt(best["speedup"]) in t1 and report.fmt(best["ppl_increase_percent"], 2, True) in t1
+    assert "Ours (Best, R=8)" in t1  # the label takes R from the data
+    sweep = (tmp_path / "tables" / "sweep_compress_every.tex").read_text()
+    assert sweep.index("sweep\\_r2") if "sweep\\_r2" in sweep else True
+    # the sweep is sorted by R
+    rs = [line.split("&")[0].strip() for line in sweep.splitlines() if line.strip()[:1].isdigit()]
+    assert rs == ["1", "2", "4", "8"]
+    t2 = (tmp_path / "tables" / "table2.tex").read_text()
+    assert r"$\infty$" in t2
+    repro = (tmp_path / "tables" / "reproduction.tex").read_text()
+    assert "published" in repro and "6.86" in repro  # the original's reported value, shown as such
+
+    cfg = {"title": "A & B", "authors": [{"name": "Ann", "affiliation": "Uni", "email": "a@b.c"},
+                                         {"name": "Bo", "affiliation": "Lab", "email": ""}],
+           "eval": {"cap": 16, "warmup": 2, "positions": "relative"}, "model": {"name": "tiny"}}
+    tex = report.macros_tex(aggs, cfg)
+    assert r"\newcommand{\SpeedupBest}{" + report.fmt(best["speedup"]) + "}" in tex
+    assert r"\newcommand{\KvTitle}{A \& B}" in tex
+    assert r"Ann \\ Uni \\ \texttt{a@b.c} \And Bo \\ Lab" in tex
+    assert r"\haveTableOnetrue" in tex and r"\haveWikitextfalse" in tex
+    assert r"\newcommand{\InteractionSentence}" in tex
+    assert r"\newcommand{\CapTokens}{16}" in tex
+    # every \newcommand name is unique and letters-only
+    import re
+
+    names = re.findall(r"\\newcommand\{\\([^}]*)\}", tex)
+    assert len(names) == len(set(names)) and all(n.isalpha() for n in names)
+
+
+def test_delta_at_sigma_zero_identical_nll_detected(tmp_path):
+    # sigma = 0: delta cannot matter; identical NLL files must be reported as identical
+    nll = np.linspace(1, 2, 40)
+    paths = []
+    for i in range(2):
+        paths.append(make_cell(tmp_path, "recompute", i, nll, 100.0))
+        for pol in ("abl_s0_dnull", "abl_s0_d8"):
+            paths.append(make_cell(tmp_path, pol, i, nll + 0.1, 10.0))
+        for pol in ("abl_s4_dnull", "ours_softlite"):
+            paths.append(make_cell(tmp_path, pol, i, nll + 0.05 * (i + 1), 10.0))
+    agg = report.aggregate(paths, experiment="table2",
+                           policies=["recompute", "abl_s0_dnull", "abl_s4_dnull", "abl_s0_d8", "ours_softlite"])
+    tex = report.macros_tex({"table2": agg}, {})
+    assert "bit-identical" in tex
+    c = report.contrast(agg, {"ours_softlite": 1, "abl_s4_dnull": -1, "abl_s0_d8": -1, "abl_s0_dnull": 1})
+    assert c["value"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_macro_stem():
+    assert report.macro_stem("ours_best") == "Best"
+    assert report.macro_stem("abl_s16_d32") == "AblSOneSixDThreeTwo"
+    assert report.macro_stem("table1") == "TableOne"
+    assert report.macro_stem("sweep_compress_every") == "SweepCompressEvery"
+
+
+def test_fmt():
+    assert report.fmt(float("nan")) == "--"
+    assert report.fmt(-1.234) == r"\textminus{}1.23"
+    assert report.fmt(2.5, 1, signed=True) == "+2.5"
+    assert report.fmt(-0.001) == "0.00"

@@ -1,0 +1,33 @@
+# The paper: paper/{neurips_2025_compressed,neurips_2025}.pdf with latexmk (pdflatex + bibtex).
+# Inputs: the hand-written sources in paper/ and what report.smk generates under paper/generated/.
+# A change to paper/*.tex reruns only the PDFs; a change to a result reruns the generated files first.
+
+from pathlib import Path
+
+PAPER_SOURCES = sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "paper").rglob("*") if p.suffix in (".tex", ".sty", ".bib")
+    and "generated" not in p.parts and p.name not in ("neurips_2025.tex", "neurips_2025_compressed.tex")
+)
+
+
+rule paper:
+    input:
+        tex="paper/{doc}.tex",
+        sources=PAPER_SOURCES,
+        macros=PAPER_MACROS,
+        tables=PAPER_TABLES,
+        figures=PAPER_FIGURES,
+    output:
+        report("paper/{doc}.pdf", caption="../report/paper.rst", category="Paper", labels={"document": "{doc}"}),
+    wildcard_constraints:
+        doc="neurips_2025|neurips_2025_compressed",
+    log:
+        log_path("paper", "{doc}"),
+    threads: 1
+    resources:
+        **rule_resources("paper"),
+    conda:
+        "../../envs/latex.yaml"
+    shell:
+        "latexmk -pdf -g -interaction=nonstopmode -halt-on-error -cd {input.tex} > {log} 2>&1 "
+        "|| {{ s=$?; echo '--- last lines of {log}:' >&2; tail -n 40 {log} >&2; exit $s; }}"

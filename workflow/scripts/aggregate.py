@@ -1,0 +1,23 @@
+"""Snakemake `script:` entry point of rule aggregate: pool one experiment's cells (kvstream.report)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821  (snakemake is injected)
+from _log import logged, paths  # noqa: E402
+
+with logged(snakemake):  # noqa: F821
+    from kvstream import report
+
+    sm = snakemake  # noqa: F821
+    agg = report.aggregate(
+        paths(sm.input.cells),
+        experiment=sm.wildcards.experiment,
+        policies=list(sm.params.policies),
+        reference=sm.params.reference,
+        n_boot=int(sm.params.n_boot),
+        seed=int(sm.params.seed),
+        dataset=sm.params.dataset,
+    )
+    report.write_aggregate(agg, sm.output.json, sm.output.csv)
+    print(f"{sm.wildcards.experiment}: {len(agg['policies'])} policies, {agg['n_samples']} samples -> {sm.output.json}")

@@ -1,0 +1,31 @@
+"""Snakemake `script:` entry point of the figure rules (kvstream.figures): PDF + PNG in results/figures,
+the PDF also in paper/generated/figures."""
+
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
+from _log import logged, paths  # noqa: E402
+
+with logged(snakemake):  # noqa: F821
+    from kvstream import figures, report
+
+    sm = snakemake  # noqa: F821
+    out_pdf = Path(sm.output.pdf)
+    name = out_pdf.stem
+    kind = sm.params.kind
+    if kind == "tradeoff":
+        figures.tradeoff(report.load_aggregates(paths(sm.input.aggregate)), out_pdf.parent, name=name)
+    elif kind == "sweep":
+        aggs = report.load_aggregates(paths(sm.input.aggregate))
+        figures.sweep(aggs[sm.wildcards.sweep], sm.wildcards.sweep, out_pdf.parent, name=name)
+    elif kind == "cache_trace":
+        figures.cache_trace(paths(sm.input.cells), out_pdf.parent, name=name)
+    elif kind == "nll_along":
+        figures.nll_along(paths(sm.input.cells), out_pdf.parent, name=name, policies=list(sm.params.policies))
+    else:
+        raise ValueError(f"unknown figure kind {kind}")
+    Path(sm.output.paper).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out_pdf, sm.output.paper)
+    print(f"wrote {out_pdf}, {sm.output.png}, {sm.output.paper}")
