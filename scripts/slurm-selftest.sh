@@ -95,6 +95,19 @@ stop_daemons() {
 on_exit() {
     local rc=$?
     trap - EXIT INT TERM
+    if [ -n "${SM_PID:-}" ] && kill -0 "$SM_PID" 2>/dev/null; then
+        # SIGINT (forwarded by `timeout`) makes Snakemake scancel its SLURM jobs and exit;
+        # SIGTERM would let it wait for the running jobs. Daemons stay up until it is gone.
+        log "interrupting Snakemake (pid $SM_PID), which cancels its SLURM jobs"
+        local child
+        child=$(pgrep -P "$SM_PID" 2>/dev/null | head -1 || true)
+        kill -INT "$SM_PID" 2>/dev/null || true
+        for _ in $(seq 150); do kill -0 "$SM_PID" 2>/dev/null || break; sleep 0.2; done
+        if kill -0 "$SM_PID" 2>/dev/null; then
+            log "Snakemake still running after 30 s: SIGKILL"
+            kill -KILL "$SM_PID" ${child:+"$child"} 2>/dev/null || true
+        fi
+    fi
     if [ "$MODE" != up ] || [ $rc -ne 0 ]; then
         stop_daemons
     fi
@@ -286,6 +299,19 @@ if [ "$MODE" = full ]; then
 fi
 export PATH="$REPO/.venv/bin:$PATH"
 
+# Snakemake runs in the background and the script `wait`s for it, so that a signal to this script
+# is handled at once: on_exit stops Snakemake (which scancels its jobs), then the daemons.
+SM_PID=""
+run_snakemake() {   # workdir, logfile, command...
+    local wd=$1 logfile=$2 rc=0; shift 2
+    (cd "$wd" && exec timeout "$SM_TIMEOUT" "$@") > "$logfile" 2>&1 &
+    SM_PID=$!
+    wait "$SM_PID" || rc=$?
+    SM_PID=""
+    [ $rc -eq 124 ] && log "Snakemake did not finish within KVSTREAM_SLURM_TIMEOUT=$SM_TIMEOUT s"
+    return $rc
+}
+
 LOCAL_WD=$RUN/local
 SLURM_WD=$RUN/slurm
 make_workdir "$LOCAL_WD"
@@ -293,8 +319,8 @@ make_workdir "$SLURM_WD"
 
 log "reference run: snakemake --profile profiles/local --cores $NJOBS ${SM_COMMON[*]} ${LOCAL_ARGS[*]} (in $LOCAL_WD)"
 t=$(date +%s)
-(cd "$LOCAL_WD" && timeout "$SM_TIMEOUT" "$SNAKEMAKE" --profile profiles/local --cores "$NJOBS" \
-    "${SM_COMMON[@]}" "${LOCAL_ARGS[@]}" > "$RUN/log/snakemake-local.log" 2>&1) \
+run_snakemake "$LOCAL_WD" "$RUN/log/snakemake-local.log" \
+    "$SNAKEMAKE" --profile profiles/local --cores "$NJOBS" "${SM_COMMON[@]}" "${LOCAL_ARGS[@]}" \
     || { tail -n 40 "$RUN/log/snakemake-local.log" >&2; die "local run failed (log: $RUN/log/snakemake-local.log)"; }
 LOCAL_WALL=$(( $(date +%s) - t ))
 log "reference run finished in ${LOCAL_WALL} s"
@@ -304,8 +330,8 @@ SLURM_ARGS=(--profile profiles/slurm --jobs "$NJOBS" "${SM_COMMON[@]}"
             --slurm-keep-successful-logs --latency-wait 5 --retries 0 "${SLURM_EXTRA[@]}")
 log "SLURM run: KVSTREAM_SLURM_GPUS=0 snakemake ${SLURM_ARGS[*]} (in $SLURM_WD)"
 t=$(date +%s)
-(cd "$SLURM_WD" && KVSTREAM_SLURM_GPUS=0 KVSTREAM_SLURM_PARTITION=$PARTITION \
-    timeout "$SM_TIMEOUT" "$SNAKEMAKE" "${SLURM_ARGS[@]}" > "$RUN/log/snakemake-slurm.log" 2>&1) \
+KVSTREAM_SLURM_GPUS=0 KVSTREAM_SLURM_PARTITION=$PARTITION \
+    run_snakemake "$SLURM_WD" "$RUN/log/snakemake-slurm.log" "$SNAKEMAKE" "${SLURM_ARGS[@]}" \
     || { tail -n 60 "$RUN/log/snakemake-slurm.log" >&2; die "SLURM run failed (log: $RUN/log/snakemake-slurm.log)"; }
 SLURM_WALL=$(( $(date +%s) - t ))
 log "SLURM run finished in ${SLURM_WALL} s"
