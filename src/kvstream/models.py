@@ -113,7 +113,7 @@ def tiny_config(family: str = "llama", **overrides):
         kwargs = {**common, "intermediate_size": 128, "num_key_value_heads": 2, "rope_theta": 10000.0}
         return LlamaConfig(**{**kwargs, **overrides})
     if family in ("gpt_neox", "gpt-neox", "tiny-gpt-neox"):
-        kwargs = {**common, "intermediate_size": 256, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+        kwargs = {**common, "intermediate_size": 256, "rotary_pct": 0.25, "rotary_emb_base": 10000.0,
                   "use_parallel_residual": True}
         return GPTNeoXConfig(**{**kwargs, **overrides})
     raise KVStreamError(f"tiny_config family must be 'llama' or 'gpt_neox' (got {family!r})")
