@@ -313,3 +313,21 @@ def test_unsupported_models_are_rejected_before_work():
         StreamingCache(_llama(), Policy("recompute", cap=8))
     with pytest.raises(KVStreamError, match="window_size"):
         StreamingCache(_llama(), Policy("sink", n_sink=4, window_size=0))
+
+
+@pytest.mark.parametrize("positions", ["relative", "absolute"])
+def test_static_shapes_give_the_same_logits(model, positions):
+    """The fixed-shape path (CUDA graphs on a GPU; eager here) equals the dynamic one."""
+    from kvstream.graphs import StaticDecoder
+
+    ids = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(4))
+    policy = Policy("sink", n_sink=4, window_size=28, compress_every=5, cache_slack=3, max_drop=2, positions=positions)
+    dynamic, static = StreamingCache(model, policy, rebase_at="auto"), StreamingCache(model, policy, rebase_at="auto")
+    with torch.no_grad():
+        model(ids[None, :32], cache=dynamic)
+        model(ids[None, :32], cache=static)
+        decoder = StaticDecoder(model, static)
+        for t in range(32, 299):
+            expected = model(ids[None, t : t + 1], cache=dynamic).logits[0, -1]
+            assert (decoder.step(ids[t]) - expected).abs().max().item() <= 1e-5
+    assert static.events == dynamic.events > 100 and static.held_tokens() == dynamic.held_tokens()

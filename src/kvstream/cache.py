@@ -138,6 +138,7 @@ class StreamingCache(Cache):
         self.sink_keys: torch.Tensor | None = None  # sinks as they arrived, at positions 0..S-1
         self.capacity = 0
         self.reserve = reserve or 0
+        self.static = False
         self._reset_state()
 
     # --- bookkeeping (host side, plain integers) ----------------------------------------------------
@@ -291,8 +292,51 @@ class StreamingCache(Cache):
         if plan.sink_delta is not None:
             keys[:, :, :, : self.n_sink] = self.rotary.rotate(self.sink_keys, plan.sink_delta)
 
+    # --- static shapes (CUDA graphs) -----------------------------------------------------------
+    def enable_static(self) -> None:
+        """Switch to fixed-shape single-token decoding (after the prefill), for CUDA-graph capture.
+
+        Every forward then attends over all `capacity` slots with `static_mask` (0 for held slots,
+        the dtype's minimum for free ones) and writes its token at a slot held in a device tensor.
+        Call `begin_static_step()` before each forward: it runs the maintenance outside the graph and
+        sets the slot, the position (`static_position`) and the mask in place.
+        """
+        if self.key_buffer is None:
+            raise RuntimeError("enable_static() needs the prefill to have run")
+        if not self.policy.evicts and self.capacity < self.reserve:
+            raise RuntimeError("a dense cache needs reserve= its final length for static shapes")
+        device, dtype = self.key_buffer.device, self.key_buffer.dtype
+        self.static = True
+        self._slot_index = torch.zeros(1, dtype=torch.long, device=device)
+        self._length_t = torch.zeros((), dtype=torch.long, device=device)
+        self._arange = torch.arange(self.capacity, device=device)
+        self._masked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+        self._zero = torch.zeros((), dtype=dtype, device=device)
+        self.static_position = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.static_mask = torch.zeros(1, 1, 1, self.capacity, dtype=dtype, device=device)
+
+    def begin_static_step(self) -> int:
+        """Maintenance, then slot/position/mask for the next single-token forward; returns its length."""
+        plan = self._pending_plan()
+        self._apply(plan)
+        self._current = plan
+        self._plan = None
+        self._commit(plan, 1)
+        self._first_new_token = self.n_seen - 1
+        self._slot_index.fill_(plan.length)
+        self.static_position.fill_(plan.next_pos)
+        self._length_t.fill_(plan.length + 1)
+        torch.where(self._arange < self._length_t, self._zero, self._masked, out=self.static_mask.view(-1))
+        return plan.length + 1
+
     def _update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         q_len = key_states.shape[-2]
+        if self.static:
+            if q_len != 1:
+                raise RuntimeError("static mode decodes one token per forward")
+            self.key_buffer[layer_idx].index_copy_(2, self._slot_index, key_states)
+            self.value_buffer[layer_idx].index_copy_(2, self._slot_index, value_states)
+            return self.key_buffer[layer_idx], self.value_buffer[layer_idx]
         if layer_idx == 0:
             plan = self._pending_plan()
             if plan.length + q_len > self.capacity:

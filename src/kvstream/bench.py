@@ -1,0 +1,363 @@
+"""`kvstream bench`: what one decode step costs, cache maintenance included, against a dense floor.
+
+Rows, all timed in one process and interleaved across repeats (so machine noise hits them alike):
+
+- dense@C   the floor: a cache that holds exactly C tokens and is never maintained (each step
+            writes one token and the host bookkeeping rolls it back), so every forward sees C.
+- sink R=1, R=32, R=64 (S = 4, budget mode cap = C: no forward sees more than C tokens).
+- recompute a fresh forward over the last C tokens per step.
+- naive R=1, naive R=64: the original implementation's way, for comparison: the cache grows by
+            concatenation, an event slices it and re-rotates every kept key in the cache dtype.
+
+Weights are random (timing depends on shapes, not values). Times are per decode step: forward plus
+cache maintenance, after warm-up, synchronised (CUDA events on a GPU); median and p10-p90 over all
+timed steps of all repeats. On a GPU it also measures device memory bandwidth and prints the
+bandwidth floor: (weight bytes + KV bytes read per step) / bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvstream.errors import KVStreamError
+
+SHAPES = {
+    "tiny-llama": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=128, vocab_size=256, max_position_embeddings=4096)),
+    # name: (family, config kwargs)
+    "pythia-70m": ("gpt_neox", dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                                    intermediate_size=2048, rotary_pct=0.25, vocab_size=50304,
+                                    max_position_embeddings=2048, use_parallel_residual=True)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                                   rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)),
+    "pythia-2.8b": ("gpt_neox", dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
+                                     intermediate_size=10240, rotary_pct=0.25, vocab_size=50304,
+                                     max_position_embeddings=2048, use_parallel_residual=True)),
+}
+N_SINK = 4
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+    if shape not in SHAPES:
+        raise KVStreamError(f"--shape {shape!r} is unknown: use one of {', '.join(SHAPES)}")
+    family, kwargs = SHAPES[shape]
+    config = (GPTNeoXConfig if family == "gpt_neox" else LlamaConfig)(**kwargs)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# the naive reference (how the original did it)
+
+
+class NaiveSinkCache:
+    """Grow by torch.cat; an event slices the window and re-rotates every kept key by -n in the cache dtype."""
+
+    def __init__(self, model, n_sink: int, window: int, compress_every: int):
+        from transformers import DynamicCache
+
+        from kvstream.rope import Rotary
+
+        self.cache = DynamicCache(config=model.config)
+        self.rotary = Rotary.from_model(model)
+        self.n_sink, self.budget, self.compress_every = n_sink, n_sink + window, compress_every
+
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def evict(self) -> None:
+        overflow = self.length() - self.budget
+        if overflow <= 0 or overflow < self.compress_every:
+            return
+        s = self.n_sink
+        rotary = self.rotary if self.rotary.inv_freq.device == self.cache.layers[0].keys.device else None
+        if rotary is None:
+            self.rotary = rotary = self.rotary.to(self.cache.layers[0].keys.device)
+        for layer in self.cache.layers:
+            kept_k = layer.keys[:, :, s + overflow :]
+            cos, sin = (x.to(kept_k.dtype) for x in rotary.cos_sin(-overflow))  # in the cache dtype
+            rd = rotary.rotary_ndims
+            xr = kept_k[..., :rd]
+            rot = torch.cat([-xr[..., rd // 2 :], xr[..., : rd // 2]], dim=-1)
+            kept_k = torch.cat([xr * cos + rot * sin, kept_k[..., rd:]], dim=-1)
+            layer.keys = torch.cat([layer.keys[:, :, :s], kept_k], dim=-2)
+            layer.values = torch.cat([layer.values[:, :, :s], layer.values[:, :, s + overflow :]], dim=-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# one row
+
+
+class Row:
+    def __init__(self, name: str, kind: str, **knobs):
+        self.name, self.kind, self.knobs = name, kind, knobs
+        self.step_ms: list[float] = []
+        self.lengths: list[int] = []
+
+
+def _rows(budget: int, naive: bool, graphs: bool) -> list[Row]:
+    rows = [Row("dense@C (floor)", "floor", graph=False)]
+    for r in (1, 32, 64):
+        rows.append(Row(f"sink R={r}", "sink", compress_every=r, graph=False))
+    rows.append(Row("recompute", "recompute", graph=False))
+    if naive:
+        for r in (1, 64):
+            rows.append(Row(f"naive R={r}", "naive", compress_every=r, graph=False))
+    if graphs:  # fixed shapes + CUDA graph replay (kvstream.graphs); compared with their own floor
+        rows.append(Row("dense@C (floor) graph", "floor", graph=True))
+        for r in (1, 32, 64):
+            rows.append(Row(f"sink R={r} graph", "sink", compress_every=r, graph=True))
+    return rows
+
+
+class _Clock:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.pairs = []
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop(self, started):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.pairs.append((started, e))
+        else:
+            self.pairs.append((time.perf_counter() - started) * 1000.0)
+
+    def ms(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self.pairs]
+        return self.pairs
+
+
+def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps: int) -> None:
+    """Prefill, warm up, then time `steps` decode steps of one row; append to row.step_ms."""
+    from kvstream.cache import StreamingCache
+    from kvstream.graphs import StaticDecoder
+    from kvstream.schedule import Policy
+
+    device = ids.device
+    clock = _Clock(device)
+    total = warmup + steps
+    with torch.inference_mode():
+        if row.kind == "recompute":
+            for i in range(total):
+                t = budget + i
+                started = clock.start()
+                model(ids[None, t + 1 - budget : t + 1], use_cache=False, logits_to_keep=1)
+                if i >= warmup:
+                    clock.stop(started)
+                    row.lengths.append(budget)
+            row.step_ms += clock.ms()
+            return
+        if row.kind == "naive":
+            # the same peak as the sink rows: W = C - S - R
+            r = row.knobs["compress_every"]
+            cache = NaiveSinkCache(model, N_SINK, budget - N_SINK - r, r)
+            prefill = cache.budget
+            model(ids[None, :prefill], cache=cache.cache)
+            for i in range(total):
+                t = prefill + i
+                started = clock.start()
+                cache.evict()
+                length = cache.length() + 1
+                model(ids[None, t : t + 1], cache=cache.cache, position_ids=torch.tensor([[length - 1]], device=device))
+                if i >= warmup:
+                    clock.stop(started)
+                    row.lengths.append(length)
+            row.step_ms += clock.ms()
+            return
+        if row.kind == "floor":
+            policy = Policy("dense", cap=budget)
+            cache = StreamingCache(model, policy, reserve=budget)
+            prefill = budget - 1
+        else:
+            policy = Policy("sink", n_sink=N_SINK, compress_every=row.knobs["compress_every"], budget_mode="cap", cap=budget)
+            cache = StreamingCache(model, policy, rebase_at="auto")
+            prefill = policy.resolved().budget
+        model(ids[None, :prefill], cache=cache)
+        decoder = StaticDecoder(model, cache) if row.knobs["graph"] else None
+        for i in range(total):
+            t = prefill + i
+            length = cache.next_forward_length(1)
+            started = clock.start()
+            if decoder is not None:
+                decoder.step(ids[t])
+            else:
+                model(ids[None, t : t + 1], cache=cache)
+            if i >= warmup:
+                clock.stop(started)
+                row.lengths.append(length)
+            if row.kind == "floor":  # roll the host state back: the next forward again sees C tokens
+                cache.length -= 1
+                cache.n_seen -= 1
+                cache.slot_token[cache.length] = -1
+        row.step_ms += clock.ms()
+
+
+def measure_bandwidth(device: torch.device, mib: int = 1024) -> float | None:
+    """Device memory bandwidth in GB/s from a large device-to-device copy (read + write)."""
+    if device.type != "cuda":
+        return None
+    n = mib * 2**20 // 4
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 20
+    for _ in range(reps):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000.0
+    return 2 * a.numel() * 4 * reps / seconds / 1e9
+
+
+def bytes_per_token(model, budget: int) -> int:
+    """Weights read once per token plus the KV cache read at length C."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    return weights + 2 * config.num_hidden_layers * budget * kv_heads * head_dim * elem
+
+
+def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype, *, steps: int, warmup: int,
+              repeats: int, naive: bool = True, attn: str = "sdpa", graphs: bool | None = None) -> dict:
+    model = build_model(shape, device, dtype, attn)
+    vocab = model.config.vocab_size
+    total_tokens = budget + warmup + steps + 2
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (total_tokens,), generator=gen).to(device)
+    rows = _rows(budget, naive, graphs=device.type == "cuda" if graphs is None else graphs)
+    for _ in range(repeats):
+        for row in rows:
+            run_row(model, row, budget, ids, warmup, steps)
+    floors = {g: statistics.median(r.step_ms) for r in rows if r.kind == "floor" for g in [r.knobs["graph"]]}
+    bandwidth = measure_bandwidth(device)
+    moved = bytes_per_token(model, budget)
+    out_rows = []
+    for row in rows:
+        ms = np.asarray(row.step_ms)
+        med = float(np.median(ms))
+        floor = floors[row.knobs["graph"]]
+        out_rows.append({
+            "row": row.name,
+            "cuda_graph": row.knobs["graph"],
+            "tpot_ms_median": med,
+            "tpot_ms_p10": float(np.percentile(ms, 10)),
+            "tpot_ms_p90": float(np.percentile(ms, 90)),
+            "ratio_to_floor": med / floor,
+            "mean_forward_len": float(np.mean(row.lengths)),
+            "timed_steps": int(len(ms)),
+        })
+    import transformers
+
+    result = {
+        "shape": shape, "budget": budget, "n_sink": N_SINK, "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "attn": attn,
+        "steps": steps, "warmup": warmup, "repeats": repeats,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "bytes_per_token": moved, "bandwidth_gb_s": bandwidth,
+        "bandwidth_floor_ms": None if bandwidth is None else moved / (bandwidth * 1e9) * 1000.0,
+        "rows": out_rows,
+    }
+    return result
+
+
+def format_table(result: dict) -> str:
+    head = (f"{result['shape']}  C={result['budget']}  {result['device_name']} ({result['device']}, {result['dtype']}, "
+            f"{result['threads']} threads, attn={result['attn']})  steps={result['steps']} x repeats={result['repeats']} "
+            f"after {result['warmup']} warm-up")
+    lines = [head, "", "| row | TPOT median ms | p10-p90 ms | ratio to dense floor (same mode) | mean forward len |",
+             "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['row']} | {r['tpot_ms_median']:.3f} | {r['tpot_ms_p10']:.3f}-{r['tpot_ms_p90']:.3f} | "
+                     f"{r['ratio_to_floor']:.3f} | {r['mean_forward_len']:.1f} |")
+    if result["bandwidth_floor_ms"] is not None:
+        lines += ["", f"memory bandwidth {result['bandwidth_gb_s']:.0f} GB/s (measured copy), "
+                      f"{result['bytes_per_token'] / 1e9:.3f} GB moved per token -> bandwidth floor "
+                      f"{result['bandwidth_floor_ms']:.3f} ms"]
+        for r in result["rows"]:
+            if r["row"].startswith("sink R=1"):
+                lines.append(f"{r['row']}: {r['tpot_ms_median'] / result['bandwidth_floor_ms']:.2f}x the bandwidth floor")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time decode steps: dense floor, sink R=1/32/64, recompute, naive reference")
+    p.add_argument("--shape", action="append", choices=tuple(SHAPES), help="model shape (repeatable)")
+    p.add_argument("--budget", type=int, action="append", help="C: tokens each forward sees (repeatable)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="default float32 on CPU, float16 on CUDA")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    p.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive reference rows")
+    p.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
+                   help="also time fixed-shape steps (CUDA-graph replay on a GPU, eager on a CPU); auto: on CUDA")
+    p.add_argument("--out", default=None, help="write the results as JSON here, and the table beside it as .md")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from kvstream.data import atomic_path
+    from kvstream.models import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    shapes = args.shape or ["pythia-70m"]
+    budgets = args.budget or [512]
+    for name, value in (("--steps", args.steps), ("--repeats", args.repeats)):
+        if value < 1:
+            raise KVStreamError(f"{name} must be >= 1, got {value}")
+    for b in budgets:
+        if b < 4 * N_SINK + 64 + 2:
+            raise KVStreamError(f"--budget {b} is too small for sink R=64 with S={N_SINK}: use >= {4 * N_SINK + 66}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for shape in shapes:
+        for budget in budgets:
+            result = run_bench(shape, budget, device, dtype, steps=args.steps, warmup=args.warmup,
+                               repeats=args.repeats, naive=args.naive, attn=args.attn,
+                               graphs={"auto": None, "on": True, "off": False}[args.graphs])
+            print(format_table(result) + "\n", flush=True)
+            results.append(result)
+    if args.out:
+        out = Path(args.out)
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
+        with atomic_path(out.with_suffix(".md")) as tmp:
+            tmp.write_text("\n\n".join(format_table(r) for r in results) + "\n")
+    return 0
