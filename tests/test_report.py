@@ -46,7 +46,7 @@ def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: fl
     d.mkdir(parents=True, exist_ok=True)
     nll = np.asarray(nll, dtype=np.float32)
     n = nll.size
-    dec = nll[prefill - 1:]
+    dec = nll[prefill:]  # decode targets: after the P prefill targets (as kvstream eval)
     budget = (params.get("n_sink") or 0) + (params.get("window_size") or 0) if params["type"] == "sink" else \
         params.get("window_size") or 16
     steps = n + 1 - prefill
@@ -63,7 +63,7 @@ def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: fl
         "metrics": {"speedup": None, "tpot_ms": tpot_ms, "ppl_increase_percent": None,
                     "peak_memory_mb": peak_mb},
         "streaming": {"perplexity": float(np.exp(nll.astype(np.float64).mean())),
-                      "decode_perplexity": float(np.exp(dec.astype(np.float64).mean())),
+                      "decode_perplexity": float(np.exp(dec.astype(np.float64).mean())) if dec.size else None,
                       "runtime_sec": steps * tpot_ms / 1000 + 0.1, "prefill_time_sec": 0.1,
                       "decode_time_sec": steps * tpot_ms / 1000, "decode_tokens": steps,
                       "n_targets": n, "nll_sum": float(nll.astype(np.float64).sum()),
@@ -116,9 +116,9 @@ def test_pooled_ppl_increase_and_geomean_speedup(tmp_path):
     assert rec["ppl"] == pytest.approx(ref_ppl, rel=1e-6)
     assert mit["ppl"] == pytest.approx(ppl, rel=1e-6)
     assert mit["ppl_increase_percent"] == pytest.approx(100 * (ppl / ref_ppl - 1), rel=1e-6)
-    # decode targets: after prefill (prefill=2 -> targets from index 1)
-    dref = math.exp((2 + 3 + 2) / 3)
-    dmit = math.exp((2.5 + 3.5 + 2.1) / 3)
+    # decode targets: after the prefill targets (prefill=2 -> from index 2; sample 1 has none)
+    dref = math.exp(3 / 1)
+    dmit = math.exp(3.5 / 1)
     assert mit["decode_ppl_increase_percent"] == pytest.approx(100 * (dmit / dref - 1), rel=1e-5)
     assert mit["speedup"] == pytest.approx(math.sqrt((100 / 10) * (90 / 20)), rel=1e-9)
     assert mit["metrics"]["speedup"] == mit["speedup"]

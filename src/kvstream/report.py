@@ -88,6 +88,7 @@ SWEEP_KNOBS = {
     "sweep_n_sink": "n_sink",
 }
 KNOB_TEX = {
+    "budget_mode": "mode",
     "n_sink": "$S$",
     "window_size": "$W$",
     "compress_every": "$R$",
@@ -211,7 +212,14 @@ def _with_ci(row: dict, name: str, point: float, boot: np.ndarray | None, note: 
 # ------------------------------------------------------------------------------------ aggregation
 def _per_sample(cells: Mapping[str, dict], samples: Sequence[str]) -> dict[str, np.ndarray]:
     def col(fn):
-        return np.array([fn(cells[s]) for s in samples], dtype=float)
+        vals = []
+        for s in samples:
+            try:
+                v = fn(cells[s])
+            except (KeyError, TypeError):
+                v = None
+            vals.append(np.nan if v is None else float(v))
+        return np.array(vals, dtype=float)
 
     return {
         "nll_sum": col(lambda c: c["streaming"]["nll_sum"]),
@@ -535,6 +543,8 @@ def fmt_ci(row: Mapping, name: str, nd: int = 2, signed: bool = False) -> str:
 
 
 def fmt_knob(v) -> str:
+    if isinstance(v, str):
+        return tex_escape(v)
     if v is None:
         return r"$\infty$"
     if isinstance(v, float) and not math.isfinite(v):
@@ -549,6 +559,13 @@ def _kind(experiment: str, agg: Mapping) -> str:
     if experiment == "table2" or experiment.startswith("abl"):
         return "ablation"
     return "main"
+
+
+def varying_knobs(agg: Mapping) -> list[str]:
+    """Sink knobs that take more than one value among an experiment's sink policies."""
+    rows = [r for r in agg["policies"].values() if r.get("type") == "sink"]
+    return [k for k in ("n_sink", "window_size", "compress_every", "cache_slack", "max_drop", "budget_mode")
+            if len({str(r.get(k)) for r in rows}) > 1]
 
 
 def sweep_knob(experiment: str, agg: Mapping) -> str | None:
@@ -662,18 +679,20 @@ def experiment_table(agg: Mapping, experiment: str) -> str:
         extra = (r" Max.\ $L$: the largest number of tokens a decode forward attended over (measured). "
                  r"Peak memory: " + tex_escape(_memory_kind_words(agg)) + ".")
     elif kind == "ablation":
-        body = table_knobs(agg, experiment, ["cache_slack", "max_drop"])
-        fixed = _fixed_knobs_text(agg, ["cache_slack", "max_drop"])
+        knobs = ["cache_slack", "max_drop"] + [k for k in varying_knobs(agg) if k not in ("cache_slack", "max_drop")]
+        body = table_knobs(agg, experiment, knobs)
+        fixed = _fixed_knobs_text(agg, knobs)
         title = rf"Slack/max-drop ablation (\texttt{{{tex_escape(experiment)}}}), {fixed}."
         extra = r" $C$: budget $S+W$; Max.\ $L$: largest measured forward length; $\delta=\infty$: no cap."
     else:
         knob = sweep_knob(experiment, agg) or "compress_every"
-        body = table_knobs(agg, experiment, [knob], sort_key=knob)
-        fixed = _fixed_knobs_text(agg, [knob, "window_size"] if knob == "n_sink" else [knob])
+        knobs = [knob] + [k for k in varying_knobs(agg) if k != knob and not (knob == "n_sink" and k == "window_size")]
+        body = table_knobs(agg, experiment, knobs, sort_key=knob)
+        fixed = _fixed_knobs_text(agg, knobs + (["window_size"] if knob == "n_sink" else []))
         title = rf"Sweep of the {KNOB_WORDS.get(knob, knob)} (\texttt{{{tex_escape(experiment)}}}), {fixed}."
         extra = r" $C$: budget $S+W$; Max.\ $L$: largest measured forward length."
     return "\n".join([
-        r"\begin{table}[t]",
+        r"\begin{table}",
         r"\centering\small",
         rf"\caption{{{title} {common}{extra}}}",
         rf"\label{{{label}}}",
@@ -698,7 +717,7 @@ def reproduction_table(aggs: Mapping[str, Mapping]) -> str:
     t1 = aggs.get("table1")
     t2 = aggs.get("table2")
     lines = [
-        r"\begin{table}[t]",
+        r"\begin{table}",
         r"\centering\small",
         r"\caption{Reproduction: the original study's \emph{published} numbers (``orig.'', " + ORIGINAL_SETUP
         + r"; copied from its report) beside ours (``ours'', this run: "
@@ -766,7 +785,7 @@ def setup_table(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> s
         ("Cap (recompute window)", j([ev.get("cap")]) if ev.get("cap") is not None else "--"),
         ("Positions", j([ev.get("positions")]) if ev.get("positions") else "--"),
         ("Warm-up decode steps", j([ev.get("warmup")]) if ev.get("warmup") is not None else "--"),
-        ("dtype", j(prov.get("dtype"))),
+        ("dtype", j([str(d).replace("torch.", "") for d in prov.get("dtype") or []])),
         ("Device", j(prov.get("device_name") or prov.get("device"))),
         ("Torch threads per job", j(prov.get("threads"))),
         ("torch / transformers / Python", j(["/".join([", ".join(map(str, prov.get("torch") or ["?"])),
@@ -777,7 +796,7 @@ def setup_table(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> s
         ("Bootstrap", f"{int(CI_LEVEL * 100)}\\,\\% percentile, {prov.get('n_boot', '--')} resamples over samples"),
     ]
     lines = [
-        r"\begin{table}[t]",
+        r"\begin{table}",
         r"\centering\small",
         r"\caption{Setup, read from the provenance recorded in every result cell and from the run's configuration.}",
         r"\label{tab:setup}",
@@ -887,6 +906,7 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
         stem = macro_stem(exp)
         m.raw(rf"\newif\ifhave{stem}\have{stem}{'true' if exp in aggs else 'false'}")
     m.raw(r"\newif\ifhaveWikitext\haveWikitext" + ("true" if "wikitext_sanity" in aggs else "false"))
+    m.raw(r"\newif\ifhaveAblation\haveAblationfalse")  # the full 2x2 (sigma, delta) design ran
     have_sweeps = any(_kind(e, a) == "sweep" for e, a in aggs.items())
     m.raw(r"\newif\ifhaveSweeps\haveSweeps" + ("true" if have_sweeps else "false"))
     for exp, agg in aggs.items():
@@ -911,7 +931,8 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
     ev = config.get("eval") or {}
     m.add("ModelName", one(prov.get("model_label")) if prov.get("model_label") else tex_escape(model.get("name", "--")))
     m.add("ModelSource", tex_escape(model.get("source", "--")))
-    m.add("Dtype", one(prov.get("dtype"), tex_escape(model.get("dtype", "--"))))
+    m.add("Dtype", one([str(d).replace("torch.", "") for d in prov.get("dtype") or []],
+                       tex_escape(model.get("dtype", "--"))))
     m.add("DeviceName", one(prov.get("device_name")))
     m.add("DeviceKind", one(prov.get("device")))
     m.add("Threads", one(prov.get("threads")))
@@ -962,18 +983,24 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
             m.add(f"MaxLen{st}", fmt(r.get("trace_max"), 0))
             m.add(f"Budget{st}", fmt(r.get("budget"), 0))
             m.add(f"Label{st}", tex_escape(r.get("label")))
+            m.add(f"Mode{st}", tex_escape(r.get("budget_mode") or "--"))
 
     modes = sorted({str(r.get("budget_mode")) for a in aggs.values() for r in a["policies"].values()
                     if r.get("type") == "sink" and r.get("budget_mode")})
     m.add("BudgetModes", tex_escape(", ".join(modes) or "--"))
     m.add("NExperiments", str(len(aggs)))
     m.add("NPolicies", str(len({p for a in aggs.values() for p in a["policies"]})))
+    others = [e for e in aggs if e not in ("table1", "table2", "wikitext_sanity") and _kind(e, aggs[e]) != "sweep"]
+    m.raw(r"\newif\ifhaveOthers\haveOthers" + ("true" if others else "false"))
+    m.add("KvOtherTables", "".join(rf"\input{{generated/tables/{e}.tex}}" for e in others))
+    m.add("KvOtherNames", ", ".join(rf"\texttt{{{tex_escape(e)}}}" for e in others) or "none")
     _claims(m, aggs)
+    _peak_matched(m, aggs)
     # Defaults, so the paper compiles whichever experiments exist (the prose that needs a number sits
     # inside \ifhave... switches; these only avoid undefined-macro errors).
     for st in PRESET_STEMS.values():
         for f in ("Speedup", "SpeedupLo", "SpeedupHi", "PplInc", "PplIncLo", "PplIncHi", "DecodePplInc", "Ppl",
-                  "DecodePpl", "Tpot", "PeakMem", "KvMB", "MaxLen", "Budget", "Label"):
+                  "DecodePpl", "Tpot", "PeakMem", "KvMB", "MaxLen", "Budget", "Label", "Mode"):
             m.add(f + st, "--")
     for name in CLAIM_MACROS:
         m.add(name, r"\emph{(not run in this configuration)}" if name.endswith("Sentence") else "n/a")
@@ -987,8 +1014,23 @@ CLAIM_MACROS = (
     "EagerSlackSentence", "DeltaAtSigmaZeroSentence", "InteractionValue", "InteractionCI", "InteractionSentence",
     "SlackEffect", "DeltaEffectAtSigmaZero", "AblCombinedInc", "AblBaseInc", "SweepRLow", "SweepRHigh",
     "SweepRSpeedLow", "SweepRSpeedHigh", "SweepRIncLow", "SweepRIncHigh", "SweepRMaxLenHigh", "SweepRSpeedWord",
-    "SinkIncMin", "SinkIncMax",
+    "SinkIncMin", "SinkIncMax", "PeakMatchedSentence", "BestVsMitContextSentence",
 )
+
+
+def _peak_matched(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
+    """Describe every experiment that has a sink policy in budget mode `cap` (peak-matched)."""
+    parts = []
+    for exp, agg in aggs.items():
+        rows = [r for r in agg["policies"].values() if r.get("type") == "sink"]
+        if not any(r.get("budget_mode") == "cap" for r in rows):
+            continue
+        items = [rf"{tex_escape(r['label'])} (mode \texttt{{{tex_escape(r.get('budget_mode'))}}}, $C={fmt(r.get('budget'), 0)}$, "
+                 rf"max.\ $L={fmt(r.get('trace_max'), 0)}$): PPL increase {fmt(r.get('ppl_increase_percent'), 2, True)}\,\%, "
+                 rf"speedup {fmt(r.get('speedup'))}$\times$" for r in rows]
+        parts.append(rf"In \texttt{{{tex_escape(exp)}}}: " + "; ".join(items) + ".")
+    if parts:
+        m.add("PeakMatchedSentence", " ".join(parts))
 
 
 def _cmp_word(x: float, higher: str, lower: str, same: str = "the same as") -> str:
@@ -1011,6 +1053,18 @@ def _claims(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
               ("the interval includes zero" if ex is False else "with one sample there is no interval"))
         m.add("BestVsMitSpeedRatio", fmt(ratio["value"]) + (
             rf" (95\,\% CI [{fmt(ratio['lo'])}, {fmt(ratio['hi'])}])" if _finite(ratio["lo"]) else ""))
+        rb, rm = t1["policies"]["ours_best"], t1["policies"]["mit_streaming"]
+        lb, lm = rb.get("trace_max"), rm.get("trace_max")
+        if _finite(lb) and _finite(lm) and lb != lm:
+            m.add("BestVsMitContextSentence",
+                  rf"Ours (Best) attends over up to {fmt(lb, 0)} tokens per forward and StreamingLLM over "
+                  rf"{fmt(lm, 0)} (measured, column Max.~$L$; budget modes \texttt{{{tex_escape(rb.get('budget_mode'))}}} "
+                  rf"and \texttt{{{tex_escape(rm.get('budget_mode'))}}}): they do not see the same amount of context, "
+                  r"which confounds any quality or speed difference between them.")
+        elif _finite(lb) and _finite(lm):
+            m.add("BestVsMitContextSentence",
+                  rf"Both attend over at most {fmt(lb, 0)} tokens per forward (measured), so a difference between "
+                  r"them is not one of context length.")
         m.add("BestVsMitSpeedWord", _cmp_word(ratio["value"] - 1 if _finite(ratio["value"]) else _nan(),
                                               "faster than", "slower than"))
     if t1 and {"ours_softlite", "mit_streaming"} <= set(t1["policies"]):
@@ -1065,7 +1119,9 @@ def _claims(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
                          r"their measured cache-length traces differ too, which points to an implementation "
                          r"that does not follow the schedule."))
             m.add("DeltaAtSigmaZeroSentence", text)
-        if r_s0_dn and r_s16_dn and r_s0_d and r_s16_d:
+        full = bool(r_s0_dn and r_s16_dn and r_s0_d and r_s16_d)
+        m.raw(r"\haveAblation" + ("true" if full else "false"))
+        if full:
             w = {r_s16_d["policy"]: 1, r_s16_dn["policy"]: -1, r_s0_d["policy"]: -1, r_s0_dn["policy"]: 1}
             c = contrast(t2, w)
             m.add("InteractionValue", fmt(c["value"], 2, True))
