@@ -28,9 +28,10 @@ for L, cap in [(2048, 2048), (2300, 2560), (2300, 2300)]:
     torch.cuda.synchronize(); res[f"sdpa_L{L}_cap{cap}_ms"] = (time.perf_counter() - t) * 10
 model = build_model("pythia-2.8b", dev, torch.float16)
 ids = torch.randint(0, 50000, (2048 + 160,), device=dev)
+from kvstream.graphs import decode_context
 def timed(make):
     cache = make()
-    with torch.inference_mode():
+    with torch.inference_mode(), (decode_context(dev) if os.environ.get("KVSTREAM_NO_CUDNN") else __import__("contextlib").nullcontext()):
         model(ids[None, :2048], cache=cache)
         ts = []
         for t in range(2048, 2048 + 128):

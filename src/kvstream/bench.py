@@ -155,13 +155,13 @@ class _Clock:
 def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps: int) -> None:
     """Prefill, warm up, then time `steps` decode steps of one row; append to row.step_ms."""
     from kvstream.cache import StreamingCache
-    from kvstream.graphs import StaticDecoder
+    from kvstream.graphs import StaticDecoder, decode_context
     from kvstream.schedule import Policy
 
     device = ids.device
     clock = _Clock(device)
     total = warmup + steps
-    with torch.inference_mode():
+    with torch.inference_mode(), decode_context(device):
         if row.kind == "recompute":
             for i in range(total):
                 t = budget + i

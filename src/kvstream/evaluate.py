@@ -173,7 +173,7 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
     CUDA). The numbers are the same as the eager path's; only the per-step overhead changes.
     """
     from kvstream.cache import StreamingCache
-    from kvstream.graphs import StaticDecoder
+    from kvstream.graphs import StaticDecoder, decode_context
 
     policy = policy.resolved()
     prefill = check_cell_inputs(tokens, policy)
@@ -187,7 +187,7 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
     bar = _progress(steps, policy.type, progress)
     t_run = time.perf_counter()
 
-    with torch.inference_mode():
+    with torch.inference_mode(), decode_context(device):
         cache = None
         if policy.type != "recompute":
             reserve = n if policy.type == "dense" else None

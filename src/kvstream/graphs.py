@@ -8,7 +8,23 @@ runs eagerly (useful to test that the static path gives the same numbers).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def decode_context(device: torch.device):
+    """SDPA backends for decoding on CUDA: flash / memory-efficient / math, not cuDNN.
+
+    Measured on an H100 (torch 2.11, benchmarks/h100-probe-raw): cuDNN attention builds an execution
+    plan per new key length, so an eager step whose cache length changes every step (dense, or a lazy
+    sink between events) took 51-74 ms against 16 ms at a fixed length.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class StaticDecoder:
