@@ -89,7 +89,7 @@ def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "t
         spread = np.percentile(np.abs(xs - med), 75) + 1e-9
         off = {r["policy"] for r in rows if abs(r["ppl_increase_percent"] - med) > 8 * spread + 1.0}
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    groups = [("table1", "main presets", "o"), ("table2", "sigma/delta ablation", "s"), ("sweep", "sweeps", "^")]
+    groups = [("table1", "main presets", "o"), ("table2", r"$\sigma$/$\delta$ ablation", "s"), ("sweep", "sweeps", "^")]
     for gi, (exp, lab, marker) in enumerate(groups):
         sel = [r for r in rows if r["policy"] not in off and
                (r["_exp"] == exp if exp != "sweep" else r["_exp"] not in ("table1", "table2"))]
@@ -134,15 +134,15 @@ def sweep(agg: Mapping, experiment: str, out_dir, extra_dirs=(), name: str | Non
     finite.sort(key=lambda r: r[knob])
     fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0], 2.3))
     xs = [r[knob] for r in finite]
-    knob_label = {"compress_every": "R (prune every R overflow tokens)", "cache_slack": "slack sigma",
-                  "max_drop": "max-drop delta", "n_sink": "sinks S", "window_size": "window W"}.get(knob, knob)
+    knob_label = {"compress_every": r"pruning interval $R$", "cache_slack": r"slack $\sigma$",
+                  "max_drop": r"max-drop $\delta$", "n_sink": r"sinks $S$", "window_size": r"window $W$"}.get(knob, knob)
     for ax, metric, ylab in ((axes[0], "ppl_increase_percent", "PPL increase (%)"),
                              (axes[1], "speedup", "speedup (x)")):
         y, yerr = _err(finite, metric)
         ax.errorbar(xs, y, yerr=yerr, fmt="o-", ms=3.5, lw=1, color=COLORS[0], capsize=2, elinewidth=0.7)
         for r in inf_rows:  # delta = infinity
             v = r.get(metric, np.nan)
-            ax.axhline(v, color=COLORS[1], ls="--", lw=0.8, label=f"{knob_label} = inf")
+            ax.axhline(v, color=COLORS[1], ls="--", lw=0.8, label=knob_label + r" $=\infty$" + f" ({r['policy']})")
         if xs and min(xs) > 0 and max(xs) / max(min(xs), 1e-9) >= 16:
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs)
@@ -197,8 +197,9 @@ def cache_trace(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(),
         if budget:
             ax.axhline(budget, color="0.4", ls=":", lw=0.8, label=f"budget C = {budget}")
         s, w, sig, dl, _ = key
-        ax.set_title(f"Measured cache length per decode step (S={s}, W={w}, sigma={sig}, "
-                     f"delta={'inf' if dl is None else dl}; sample 0)")
+        dtxt = r"$\infty$" if dl is None else str(dl)
+        ax.set_title(f"Measured cache length per decode step ($S$={s}, $W$={w}, $\\sigma$={sig}, "
+                     f"$\\delta$={dtxt}; first sample)")
     else:
         ax.text(0.5, 0.5, "no sink cells with a trace", ha="center", transform=ax.transAxes)
     ax.set_xlabel("decode step")
