@@ -161,7 +161,7 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps:
     device = ids.device
     clock = _Clock(device)
     total = warmup + steps
-    with torch.inference_mode(), decode_context(device):
+    with torch.inference_mode(), decode_context(device, static=row.knobs["graph"]):
         if row.kind == "recompute":
             for i in range(total):
                 t = budget + i

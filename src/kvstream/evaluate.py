@@ -187,7 +187,10 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
     bar = _progress(steps, policy.type, progress)
     t_run = time.perf_counter()
 
-    with torch.inference_mode(), decode_context(device):
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    static = bool(cuda_graphs and policy.evicts)
+    with torch.inference_mode(), decode_context(device, static=static):
         cache = None
         if policy.type != "recompute":
             reserve = n if policy.type == "dense" else None
@@ -199,9 +202,7 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
         del logits
         _sync(device)
         prefill_time = time.perf_counter() - t0
-        if cuda_graphs is None:
-            cuda_graphs = device.type == "cuda"
-        decoder = StaticDecoder(model, cache, use_graph=device.type == "cuda") if cuda_graphs and policy.evicts else None
+        decoder = StaticDecoder(model, cache, use_graph=device.type == "cuda") if static else None
         memory.reset()
 
         t0 = time.perf_counter()

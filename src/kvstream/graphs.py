@@ -13,14 +13,15 @@ import contextlib
 import torch
 
 
-def decode_context(device: torch.device):
-    """SDPA backends for decoding on CUDA: flash / memory-efficient / math, not cuDNN.
+def decode_context(device: torch.device, static: bool = False):
+    """SDPA backends for eager decoding on CUDA: flash / memory-efficient / math, not cuDNN.
 
     Measured on an H100 (torch 2.11, benchmarks/h100-probe-raw): cuDNN attention builds an execution
     plan per new key length, so an eager step whose cache length changes every step (dense, or a lazy
-    sink between events) took 51-74 ms against 16 ms at a fixed length.
+    sink between events) took 51-74 ms against 16 ms at a fixed length. Fixed-shape (static, CUDA
+    graph) steps keep cuDNN, which was the fastest there (4.4 vs 6.5 ms, benchmarks/h100-raw*).
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or static:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
