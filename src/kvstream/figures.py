@@ -186,7 +186,9 @@ def cache_trace(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(),
     if fams:
         key = max(fams, key=lambda k: (sum(r in fams[k] for r in r_values), len(fams[k])))
         fam = fams[key]
-        chosen = [r for r in r_values if r in fam] or sorted(fam)[:3]
+        chosen = [r for r in r_values if r in fam]
+        rest = [r for r in sorted(fam) if r not in chosen]
+        chosen = sorted(chosen + rest[: max(0, len(r_values) - len(chosen))])
         budget = None
         for i, r in enumerate(chosen):
             pol, c = fam[r]
