@@ -1,0 +1,160 @@
+"""The Snakemake pipeline on config/tiny.yaml, in a copy of the repository.
+
+- An edit reruns only what it affects (dry runs on fake-completed outputs): one policy's parameters ->
+  that policy's cells and the aggregates/tables/figures/paper that read them; a paper .tex -> the PDF.
+- End to end (marked slow; CI runs it, it is the proof the DAG works): the whole DAG, PDF included,
+  then checks that the outputs exist and hold the numbers of the cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline_helpers import copy_repo, edited, load_config, planned_jobs, snakemake, write_config
+
+TINY = "config/tiny.yaml"
+DATA_RULES = re.compile(r"^(fetch_text|prepare_model|tokenize_\w+)$")
+
+
+def _fake_complete(workdir: Path) -> None:
+    """Create every output of the tiny DAG (empty), then record their metadata with --touch."""
+    proc = snakemake(workdir, "--configfile", TINY, "--dry-run", "--cores", "1")
+    for _, outputs in planned_jobs(proc.stdout):
+        for out in outputs:
+            path = workdir / out
+            if path.suffix:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+            else:  # a directory output (the prepared model)
+                path.mkdir(parents=True, exist_ok=True)
+    snakemake(workdir, "--configfile", TINY, "--touch", "--forceall", "--cores", "1")
+
+
+@pytest.fixture(scope="module")
+def completed(tmp_path_factory):
+    workdir = copy_repo(tmp_path_factory.mktemp("touched"))
+    _fake_complete(workdir)
+    proc = snakemake(workdir, "--configfile", TINY, "--dry-run", "--cores", "1")
+    assert "Nothing to be done" in proc.stdout, proc.stdout[-3000:]
+    return workdir
+
+
+def _plan(workdir: Path, configfile: str = TINY) -> list[tuple[str, list[str]]]:
+    return planned_jobs(snakemake(workdir, "--configfile", configfile, "--dry-run", "--cores", "1").stdout)
+
+
+def test_editing_one_policy_reruns_only_its_cells_and_their_readers(completed):
+    cfg = load_config(completed / TINY)
+    policy = "ours_best"
+    cfg = edited(cfg, **{f"policies.{policy}.compress_every": cfg["policies"][policy]["compress_every"] // 2})
+    write_config(completed / "edited.yaml", cfg)
+    jobs = _plan(completed, "edited.yaml")
+
+    model, dataset = cfg["model"]["name"], "fixture"
+    n = cfg["datasets"][dataset]["n_samples"]
+    cells = sorted(outs[0] for rule, outs in jobs if rule == "eval")
+    assert cells == sorted(f"results/cells/{model}/{dataset}/{policy}/s{i}.json" for i in range(n))
+    assert not [rule for rule, _ in jobs if DATA_RULES.match(rule)]
+    aggregates = sorted(outs[0] for rule, outs in jobs if rule == "aggregate")
+    readers = sorted(f"results/aggregate/{e}.csv" for e, x in cfg["experiments"].items() if policy in x["policies"])
+    assert aggregates == readers  # table2 and peak_matched do not contain ours_best: not rerun
+    pdfs = {o for _, outs in jobs for o in outs if o.endswith(".pdf") and o.startswith("paper/neurips")}
+    assert pdfs == {"paper/neurips_2025.pdf", "paper/neurips_2025_compressed.pdf"}
+
+
+@pytest.mark.parametrize(
+    "tex, pdfs",
+    [
+        ("paper/neurips_2025_compressed.tex", ["paper/neurips_2025_compressed.pdf"]),
+        ("paper/neurips_2025.tex", ["paper/neurips_2025.pdf"]),
+    ],
+)
+def test_editing_paper_tex_reruns_only_the_pdf(completed, tex, pdfs):
+    path = completed / tex
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n% an edit\n")
+        jobs = _plan(completed)
+    finally:
+        path.write_text(original)
+    assert sorted(o for _, outs in jobs for o in outs) == pdfs, jobs
+
+
+# ------------------------------------------------------------------------------------- end to end
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _pdf_text(path: Path) -> str:
+    return subprocess.run(["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+def test_whole_dag_on_tiny_config(tmp_path):
+    workdir = copy_repo(tmp_path / "repo")
+    snakemake(workdir, "--configfile", TINY, "--cores", "2", timeout=1800)
+    cfg = load_config(workdir / TINY)
+    model = cfg["model"]["name"]
+
+    # every cell: the labels of its path, the device it ran on, its NLL file
+    for exp, x in cfg["experiments"].items():
+        ds = x["dataset"]
+        for policy in x["policies"]:
+            for i in range(cfg["datasets"][ds]["n_samples"]):
+                cell = workdir / f"results/cells/{model}/{ds}/{policy}/s{i}.json"
+                data = json.loads(cell.read_text())
+                assert data["cell"] == {"model": model, "dataset": ds, "policy": policy, "sample": f"s{i}"}
+                assert data["provenance"]["device"] == "cpu"
+                nll = np.load(cell.with_name(f"s{i}.nll.npy"))
+                assert nll.shape == (cfg["datasets"][ds]["tokens_per_sample"] - 1,)
+                assert (workdir / f"results/logs/eval/{model}/{ds}/{policy}/s{i}.log").exists()
+
+    # aggregates hold the pooled numbers of the cells
+    for exp, x in cfg["experiments"].items():
+        ds, ref = x["dataset"], x.get("reference", "recompute")
+        rows = {r["policy"]: r for r in _read_csv(workdir / f"results/aggregate/{exp}.csv")}
+        assert list(rows) == x["policies"]
+        assert (workdir / f"results/aggregate/{exp}.json").exists()
+
+        def pooled(policy):
+            cells = [json.loads((workdir / f"results/cells/{model}/{ds}/{policy}/s{i}.json").read_text())
+                     for i in range(cfg["datasets"][ds]["n_samples"])]
+            total = sum(c["streaming"]["nll_sum"] for c in cells)
+            count = sum(c["streaming"]["n_targets"] for c in cells)
+            nll = np.concatenate([np.load(workdir / f"results/cells/{model}/{ds}/{policy}/s{i}.nll.npy")
+                                  for i in range(cfg["datasets"][ds]["n_samples"])])
+            assert math.isclose(math.exp(total / count), math.exp(float(nll.astype(np.float64).mean())), rel_tol=1e-4)
+            return math.exp(total / count)
+
+        for policy, row in rows.items():
+            assert math.isclose(float(row["ppl"]), pooled(policy), rel_tol=1e-6), (exp, policy)
+            increase = 100 * (pooled(policy) / pooled(ref) - 1)
+            assert math.isclose(float(row["ppl_increase_percent"]), increase, rel_tol=1e-6, abs_tol=1e-9), (exp, policy)
+
+    # figures, tables, the paper; the PDF prints the numbers of the aggregate
+    for name in ("tradeoff", "cache_trace", "nll_along", "sweep_compress_every"):
+        assert (workdir / f"results/figures/{name}.pdf").stat().st_size > 0
+        assert (workdir / f"results/figures/{name}.png").stat().st_size > 0
+    for pdf in ("paper/neurips_2025_compressed.pdf", "paper/neurips_2025.pdf"):
+        assert (workdir / pdf).read_bytes().startswith(b"%PDF")
+    text = _pdf_text(workdir / "paper/neurips_2025_compressed.pdf")
+    table1 = {r["policy"]: r for r in _read_csv(workdir / "results/aggregate/table1.csv")}
+    for policy in ("recompute", "ours_best"):
+        assert f"{float(table1[policy]['ppl']):.2f}" in text, policy
+
+    # nothing left to do; `snakemake --report` gives an HTML report with the figures
+    proc = snakemake(workdir, "--configfile", TINY, "--dry-run", "--cores", "1")
+    assert "Nothing to be done" in proc.stdout
+    snakemake(workdir, "--configfile", TINY, "--report", "report.html", timeout=600)
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "tradeoff.png" in html and "cache_trace.png" in html
