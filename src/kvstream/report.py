@@ -283,6 +283,9 @@ def display_name(policy: str, params: Mapping[str, Any]) -> str:
     """Human name for a policy, with the knob that distinguishes a preset taken from its parameters."""
     base = PRESET_NAMES.get(policy)
     if base is None:
+        if policy.endswith("_cap") and policy[: -len("_cap")] in PRESET_NAMES:  # peak-matched variant
+            inner = display_name(policy[: -len("_cap")], params)
+            return (inner[:-1] + ", cap)") if inner.endswith(")") else inner + " (cap)"
         return policy
     if policy.startswith("ours_") or policy == "mit_streaming":
         r = params.get("compress_every")
@@ -984,7 +987,8 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
         m.add("DatasetName", tex_escape(ds))
         m.add("DatasetSource", tex_escape(dcfg.get("source", ds)))
         m.add("NSamples", str(main["n_samples"]))
-        m.add("TokensPerSample", one(prov.get("n_tokens"), fmt(dcfg.get("tokens_per_sample"), 0)))
+        m.add("TokensPerSample", one((main.get("provenance") or {}).get("n_tokens"),
+                                     fmt(dcfg.get("tokens_per_sample"), 0)))
         m.add("MemoryKind", tex_escape(_memory_kind_words(main)))
         ref = main["policies"].get(main.get("reference") or "recompute", {})
         m.add("DecodeTokens", fmt(ref.get("decode_tokens"), 0))
