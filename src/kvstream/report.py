@@ -620,9 +620,9 @@ def _sorted_rows(agg: Mapping, key: str | None = None) -> list[dict]:
 
 def table_main(agg: Mapping, experiment: str) -> str:
     lines = [
-        r"\begin{tabular}{@{}lrrrrrr@{}}",
+        r"\begin{tabular}{@{}lrrrrrrr@{}}",
         r"\toprule",
-        r"Method & Speedup & TPOT (ms) & PPL & PPL inc.\ (\%) & Max.\ $L$ & Peak mem.\ (MB) \\",
+        r"Method & Speedup & TPOT (ms) & PPL & PPL inc.\ (\%) & Dec.\ PPL inc.\ (\%) & Max.\ $L$ & Peak mem.\ (MB) \\",
         r"\midrule",
     ]
     for r in _sorted_rows(agg):
@@ -631,8 +631,9 @@ def table_main(agg: Mapping, experiment: str) -> str:
             tex_escape(r["label"]),
             fmt(1.0) + r" (ref.)" if ref else fmt_ci(r, "speedup"),
             fmt_ci(r, "tpot_ms", 1),
-            fmt_ci(r, "ppl"),
+            fmt(r.get("ppl")),
             fmt(0.0) + r" (ref.)" if ref else fmt_ci(r, "ppl_increase_percent", 2, signed=True),
+            fmt(0.0) + r" (ref.)" if ref else fmt_ci(r, "decode_ppl_increase_percent", 2, signed=True),
             fmt(r.get("trace_max"), 0),
             fmt(r.get("peak_memory_mb"), 0),
         ]) + r" \\")
@@ -644,16 +645,16 @@ def table_knobs(agg: Mapping, experiment: str, knobs: Sequence[str], sort_key: s
     head = " & ".join(KNOB_TEX[k] for k in knobs)
     cols = "l" * len(knobs)
     lines = [
-        rf"\begin{{tabular}}{{@{{}}{cols}rrrrrr@{{}}}}",
+        rf"\begin{{tabular}}{{@{{}}{cols}rrrrrrr@{{}}}}",
         r"\toprule",
-        rf"{head} & $C$ & Max.\ $L$ & Speedup & TPOT (ms) & PPL & PPL inc.\ (\%) \\",
+        rf"{head} & $C$ & Max.\ $L$ & Speedup & TPOT (ms) & PPL & PPL inc.\ (\%) & Dec.\ inc.\ (\%) \\",
         r"\midrule",
     ]
     for r in _sorted_rows(agg, sort_key):
         if r.get("is_reference"):
             first = rf"\multicolumn{{{len(knobs) + 1}}}{{@{{}}l}}{{{tex_escape(r['label'])} (reference)}}"
             lines.append(" & ".join([first, fmt(r.get("trace_max"), 0), fmt(1.0), fmt_ci(r, "tpot_ms", 1),
-                                     fmt_ci(r, "ppl"), fmt(0.0)]) + r" \\")
+                                     fmt(r.get("ppl")), fmt(0.0), fmt(0.0)]) + r" \\")
             lines.append(r"\midrule")
             continue
         if r.get("type") != "sink":
@@ -665,8 +666,9 @@ def table_knobs(agg: Mapping, experiment: str, knobs: Sequence[str], sort_key: s
             fmt(r.get("trace_max"), 0),
             fmt_ci(r, "speedup"),
             fmt_ci(r, "tpot_ms", 1),
-            fmt_ci(r, "ppl"),
+            fmt(r.get("ppl")),
             fmt_ci(r, "ppl_increase_percent", 2, signed=True),
+            fmt_ci(r, "decode_ppl_increase_percent", 2, signed=True),
         ]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
@@ -693,21 +695,23 @@ def experiment_table(agg: Mapping, experiment: str) -> str:
         body = table_main(agg, experiment)
         title = (rf"Main results (\texttt{{{tex_escape(experiment)}}})." if experiment == "table1" else
                  rf"Results of experiment \texttt{{{tex_escape(experiment)}}}.")
-        extra = (r" Max.\ $L$: the largest number of tokens a decode forward attended over (measured). "
+        extra = (r" Dec.\ PPL inc.: the same over decode targets only (after the prefill targets, which every policy "
+                 r"scores alike). Max.\ $L$: the largest number of tokens a decode forward attended over (measured). "
                  r"Peak memory: " + tex_escape(_memory_kind_words(agg)) + ".")
     elif kind == "ablation":
         knobs = ["cache_slack", "max_drop"] + [k for k in varying_knobs(agg) if k not in ("cache_slack", "max_drop")]
         body = table_knobs(agg, experiment, knobs)
         fixed = _fixed_knobs_text(agg, knobs)
         title = rf"Slack/max-drop ablation (\texttt{{{tex_escape(experiment)}}}), {fixed}."
-        extra = r" $C$: budget $S+W$; Max.\ $L$: largest measured forward length; $\delta=\infty$: no cap."
+        extra = (r" $C$: budget $S+W$; Max.\ $L$: largest measured forward length; Dec.\ inc.: PPL increase over "
+                 r"decode targets only; $\delta=\infty$: no cap.")
     else:
         knob = sweep_knob(experiment, agg) or "compress_every"
         knobs = [knob] + [k for k in varying_knobs(agg) if k != knob and not (knob == "n_sink" and k == "window_size")]
         body = table_knobs(agg, experiment, knobs, sort_key=knob)
         fixed = _fixed_knobs_text(agg, knobs + (["window_size"] if knob == "n_sink" else []))
         title = rf"Sweep of the {KNOB_WORDS.get(knob, knob)} (\texttt{{{tex_escape(experiment)}}}), {fixed}."
-        extra = r" $C$: budget $S+W$; Max.\ $L$: largest measured forward length."
+        extra = r" $C$: budget $S+W$; Max.\ $L$: largest measured forward length; Dec.\ inc.: PPL increase over decode targets only."
     return "\n".join([
         r"\begin{table}",
         r"\centering\small",
