@@ -260,3 +260,66 @@ def test_fmt():
     assert report.fmt(-1.234) == r"\textminus{}1.23"
     assert report.fmt(2.5, 1, signed=True) == "+2.5"
     assert report.fmt(-0.001) == "0.00"
+
+
+def test_cli_aggregate_tables_macros(tmp_path):
+    from kvstream import cli
+
+    paths = make_experiment(tmp_path, ["recompute", "mit_streaming"], n_samples=2)
+    out = tmp_path / "agg" / "table1.json"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["aggregate", *map(str, paths), "--experiment", "table1", "--policies", "recompute", "mit_streaming",
+                  "--json", str(out), "--csv", str(tmp_path / "agg" / "table1.csv")])
+    assert exc.value.code == 0
+    assert json.loads(out.read_text())["policies"]["mit_streaming"]["metrics"]["speedup"] > 1
+    with pytest.raises(SystemExit):
+        cli.main(["tables", str(out), "--out-dir", str(tmp_path / "tables")])
+    with pytest.raises(SystemExit):
+        cli.main(["macros", str(out), "--out", str(tmp_path / "macros.tex")])
+    assert (tmp_path / "tables" / "table1.tex").exists() and (tmp_path / "macros.tex").exists()
+
+
+def test_setup_table_reads_provenance(tmp_path):
+    aggs = _all_aggs(tmp_path)
+    tex = report.setup_table(aggs, {"eval": {"cap": 16, "positions": "relative", "warmup": 2},
+                                    "model": {"name": "tiny", "source": "embedded:tiny-llama"}})
+    for value in ("TestCPU", "2.13.0", "5.24.0", "0123456789ab", "float32", "embedded:tiny-llama"):
+        assert value in tex, value
+
+
+def test_figures_written_as_pdf_and_png(tmp_path):
+    from kvstream import figures
+
+    aggs = _all_aggs(tmp_path)
+    cells = sorted((tmp_path / "results" / "cells").rglob("s*.json"))
+    out = figures.all_figures(aggs, cells, tmp_path / "fig", extra_dirs=[tmp_path / "paperfig"])
+    names = {p.name for p in out}
+    for stem in ("tradeoff", "sweep_compress_every", "cache_trace", "nll_along"):
+        assert f"{stem}.pdf" in names and f"{stem}.png" in names
+        assert (tmp_path / "fig" / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
+        assert (tmp_path / "paperfig" / f"{stem}.pdf").stat().st_size > 1000
+
+
+def test_cache_trace_plots_the_measured_trace(tmp_path):
+    """The figure must take its data from trace.cache_len of the cells, not from the schedule."""
+    from kvstream import figures
+    import matplotlib
+
+    matplotlib.use("Agg")
+    weird = [17, 18, 19, 5, 17, 18]  # not what any schedule produces: only a measured trace would look like this
+    p = make_cell(tmp_path, "ours_best", 0, np.ones(20), 10.0, trace=weird, prefill=15)
+    captured = {}
+    import matplotlib.axes
+
+    orig = matplotlib.axes.Axes.step
+
+    def spy(self, x, y, *a, **k):
+        captured.setdefault("y", []).append(list(y))
+        return orig(self, x, y, *a, **k)
+
+    matplotlib.axes.Axes.step = spy
+    try:
+        figures.cache_trace([p], tmp_path / "fig")
+    finally:
+        matplotlib.axes.Axes.step = orig
+    assert captured["y"] == [weird]
