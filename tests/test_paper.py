@@ -46,7 +46,8 @@ def generate(root: Path, experiments: dict[str, list[str]]) -> Path:
                                                                  "*.blg", "*.fls", "*.fdb_latexmk", "*.out"))
     gen = paper / "generated"
     config = {"title": "Test paper", "authors": [{"name": "Ann Author", "affiliation": "Test Lab",
-                                                  "email": "ann@example.org"}],
+                                                  "email": "ann@example.org"},
+                                                 {"name": "Bob Writer", "affiliation": "Other Lab", "email": ""}],
               "model": {"name": "tiny", "source": "test", "dtype": "float32"},
               "datasets": {"toy": {"source": "txt", "n_samples": 3, "tokens_per_sample": 96}},
               "eval": {"cap": 16, "warmup": 2, "positions": "relative"}}
@@ -94,7 +95,7 @@ def test_compressed_paper_shows_the_generated_numbers(tmp_path):
     macros = (paper / "generated" / "macros.tex").read_text()
     speed = re.search(r"\\newcommand\{\\SpeedupMit\}\{([^}]*)\}", macros).group(1)
     assert f"{speed}×" in flat or f"{speed} ×" in flat or speed in flat
-    assert "Ann Author" in flat and "ann@example.org" in flat
+    assert "Ann Author" in flat and "ann@example.org" in flat and "Bob Writer" in flat
     assert "??" not in flat  # no undefined reference or missing macro value
     pages = subprocess.run(["pdfinfo", str(paper / "neurips_2025_compressed.pdf")], text=True,
                            stdout=subprocess.PIPE).stdout

@@ -12,7 +12,7 @@ REPORT_SEED = int(config["eval"].get("seed", 0))
 REPORT_N_BOOT = 2000
 
 SWEEPS = [e for e in EXPERIMENTS if e.startswith("sweep")]
-MAIN_EXPERIMENT = "table1" if "table1" in EXPERIMENTS else EXPERIMENTS[0]
+MAIN_EXPERIMENT = "table1" if "table1" in EXPERIMENTS else EXPERIMENTS[0]  # the schema requires one experiment
 MAIN_DATASET = experiment_dataset(MAIN_EXPERIMENT)
 FIGURES = ["tradeoff", "cache_trace", "nll_along"] + SWEEPS
 PAPER_TABLES = [f"paper/generated/tables/{e}.tex" for e in EXPERIMENTS] + [
