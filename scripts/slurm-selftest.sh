@@ -27,7 +27,7 @@
 #   KVSTREAM_SLURM_UNTIL       limit the SLURM run to this rule and its inputs (e.g. eval; default:
 #                              the whole DAG, paper included)
 #   KVSTREAM_SLURM_PORTS       "ctld,slurmd" TCP ports (default 6817,6818)
-set -euo pipefail
+set -Eeuo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE=$REPO/scripts/slurm
@@ -176,15 +176,15 @@ case "$RUN" in /|/tmp|/tmp/|/root|/work*) die "refusing KVSTREAM_SLURM_RUNDIR=$R
 rm -rf "$RUN"
 mkdir -p "$RUN"/{state,spool,log}
 trap on_exit EXIT
+trap 'log "ERROR: line $LINENO: \"$BASH_COMMAND\" failed"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
 HOST=$(hostname -s)
 ADDR=127.0.0.1
-hw=$(slurmd -C | head -1)             # NodeName=vm CPUs=2 Boards=1 ... RealMemory=24105
+hw=$(slurmd -C | head -1) || die "slurmd -C failed"   # NodeName=vm CPUs=2 Boards=1 ... RealMemory=24105
 NODE_HW=$(tr ' ' '\n' <<<"$hw" | grep -E '^(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=' | tr '\n' ' ')
 MEM=$(tr ' ' '\n' <<<"$hw" | sed -n 's/^RealMemory=//p')
-NCPUS=$(tr ' ' '\n' <<<"$hw" | sed -n 's/^CPUs=//p')
 # The pipeline's rules ask up to 8 GB (prepare_model). Memory is not a consumable resource here
 # (CR_Core, task/none), but sbatch rejects --mem above RealMemory: on a smaller machine, let
 # slurmd accept a RealMemory larger than the physical one.
@@ -240,7 +240,7 @@ start_bg slurmd slurmd -D -f "$CONF"
 
 state=""
 for _ in $(seq 120); do
-    state=$(sinfo -h -n "$HOST" -o '%T' 2>/dev/null | head -1)
+    state=$(sinfo -h -n "$HOST" -o '%T' 2>/dev/null | head -1 || true)
     [ "$state" = idle ] && break
     sleep 0.5
 done
@@ -251,9 +251,11 @@ fi
 log "cluster up: $(sinfo -h -o '%P %a %D %T %c CPUs %m MB' | head -1)"
 
 # a plain batch job (with a job step, as the plugin runs them) before involving Snakemake
-jid=$(sbatch --parsable -o "$RUN/log/hello-%j.out" -t 1 --mem 100 --wrap 'srun -n1 hostname')
+jid=$(sbatch --parsable -o "$RUN/log/hello-%j.out" -t 1 --mem 100 --wrap 'srun -n1 hostname') \
+    || die "sbatch of a test job failed"
+st=""
 for _ in $(seq 60); do
-    st=$(squeue -h -j "$jid" --states=all -o '%T' 2>/dev/null)
+    st=$(squeue -h -j "$jid" --states=all -o '%T' 2>/dev/null || true)
     case "$st" in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY) break ;; esac
     sleep 0.5
 done
@@ -282,7 +284,9 @@ make_workdir() {
             || (cd "$REPO" && tar --exclude=./.git --exclude=./.venv --exclude=./results --exclude=./.snakemake -cf - . ) \
                | tar -xf - -C "$dest"
         # downloads cached by the pipeline (git-ignored), if any, are shared read-mostly
-        [ -d "$REPO/resources" ] && [ ! -e "$dest/resources" ] && cp -a "$REPO/resources" "$dest/resources"
+        if [ -d "$REPO/resources" ] && [ ! -e "$dest/resources" ]; then
+            cp -a "$REPO/resources" "$dest/resources"
+        fi
     fi
 }
 

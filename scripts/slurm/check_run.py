@@ -75,14 +75,14 @@ def main() -> None:
         fail(f"slurmctld knows no job with WorkDir={slurm_wd}: nothing ran through SLURM")
     jobs.sort(key=lambda j: int(j["JobId"]))
 
-    print(f"{'jobid':>6}  {'rule':<14} {'state':<10} {'wall_s':>6}  {'node':<8} wildcards")
+    print(f"{'jobid':>6}  {'rule':<20} {'state':<10} {'wall_s':>6}  {'node':<8} wildcards")
     bad = []
     by_rule: dict[str, list[dict[str, str]]] = {}
     for j in jobs:
         rule, wc = rule_of(j.get("Comment", ""))
         by_rule.setdefault(rule, []).append(j)
         wall = elapsed_s(j.get("RunTime", "0:0:0"))
-        print(f"{j['JobId']:>6}  {rule:<14} {j.get('JobState', '?'):<10} {wall:>6}  {j.get('NodeList', ''):<8} {wc}")
+        print(f"{j['JobId']:>6}  {rule:<20} {j.get('JobState', '?'):<10} {wall:>6}  {j.get('NodeList', ''):<8} {wc}")
         if j.get("JobState") != "COMPLETED":
             bad.append(f"{j['JobId']} ({rule}) {j.get('JobState')}")
     total_job_s = sum(elapsed_s(j.get("RunTime", "0:0:0")) for j in jobs)
