@@ -57,7 +57,7 @@ def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: fl
         "cell": {"model": model, "dataset": dataset, "policy": policy, "sample": str(sample)},
         "policy": {"type": params["type"], "n_sink": params.get("n_sink"), "window_size": params.get("window_size"),
                    "compress_every": params.get("compress_every"), "cache_slack": params.get("cache_slack"),
-                   "max_drop": params.get("max_drop"), "budget_mode": "fixed", "cap": 16,
+                   "max_drop": params.get("max_drop"), "budget_mode": params.get("budget_mode", "fixed"), "cap": 16,
                    "positions": "relative", "budget": budget, "max_forward_len": max(trace),
                    "prefill_len": prefill},
         "metrics": {"speedup": None, "tpot_ms": tpot_ms, "ppl_increase_percent": None,
