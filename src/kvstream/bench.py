@@ -152,7 +152,8 @@ class _Clock:
         return self.pairs
 
 
-def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps: int) -> None:
+def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps: int,
+            recompute_steps: int | None = None) -> None:
     """Prefill, warm up, then time `steps` decode steps of one row; append to row.step_ms."""
     from kvstream.cache import StreamingCache
     from kvstream.graphs import StaticDecoder, decode_context
@@ -160,6 +161,8 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps:
 
     device = ids.device
     clock = _Clock(device)
+    if row.kind == "recompute" and recompute_steps:
+        steps = recompute_steps
     total = warmup + steps
     with torch.inference_mode(), decode_context(device, static=row.knobs["graph"]):
         if row.kind == "recompute":
@@ -249,7 +252,8 @@ def bytes_per_token(model, budget: int) -> int:
 
 
 def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype, *, steps: int, warmup: int,
-              repeats: int, naive: bool = True, attn: str = "sdpa", graphs: bool | None = None) -> dict:
+              repeats: int, naive: bool = True, attn: str = "sdpa", graphs: bool | None = None,
+              recompute_steps: int | None = None) -> dict:
     model = build_model(shape, device, dtype, attn)
     vocab = model.config.vocab_size
     total_tokens = budget + warmup + steps + 2
@@ -258,7 +262,7 @@ def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype,
     rows = _rows(budget, naive, graphs=device.type == "cuda" if graphs is None else graphs)
     for _ in range(repeats):
         for row in rows:
-            run_row(model, row, budget, ids, warmup, steps)
+            run_row(model, row, budget, ids, warmup, steps, recompute_steps)
     floors = {g: statistics.median(r.step_ms) for r in rows if r.kind == "floor" for g in [r.knobs["graph"]]}
     bandwidth = measure_bandwidth(device)
     moved = bytes_per_token(model, budget)
@@ -283,7 +287,7 @@ def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype,
         "shape": shape, "budget": budget, "n_sink": N_SINK, "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "attn": attn,
-        "steps": steps, "warmup": warmup, "repeats": repeats,
+        "steps": steps, "warmup": warmup, "repeats": repeats, "recompute_steps": recompute_steps,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "bytes_per_token": moved, "bandwidth_gb_s": bandwidth,
         "bandwidth_floor_ms": None if bandwidth is None else moved / (bandwidth * 1e9) * 1000.0,
@@ -295,6 +299,7 @@ def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype,
 def format_table(result: dict) -> str:
     head = (f"{result['shape']}  C={result['budget']}  {result['device_name']} ({result['device']}, {result['dtype']}, "
             f"{result['threads']} threads, attn={result['attn']})  steps={result['steps']} x repeats={result['repeats']} "
+            f"(recompute: {result['recompute_steps'] or result['steps']}) "
             f"after {result['warmup']} warm-up")
     lines = [head, "", "| row | TPOT median ms | p10-p90 ms | ratio to dense floor (same mode) | mean forward len |",
              "|---|---|---|---|---|"]
@@ -321,6 +326,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--recompute-steps", type=int, default=None,
+                   help="timed steps for the recompute row (default --steps; it is O(C) times slower on a CPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive reference rows")
@@ -351,7 +358,8 @@ def main(args: argparse.Namespace) -> int:
         for budget in budgets:
             result = run_bench(shape, budget, device, dtype, steps=args.steps, warmup=args.warmup,
                                repeats=args.repeats, naive=args.naive, attn=args.attn,
-                               graphs={"auto": None, "on": True, "off": False}[args.graphs])
+                               graphs={"auto": None, "on": True, "off": False}[args.graphs],
+                               recompute_steps=args.recompute_steps)
             print(format_table(result) + "\n", flush=True)
             results.append(result)
     if args.out:
