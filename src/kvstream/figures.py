@@ -89,7 +89,7 @@ def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "t
         spread = np.percentile(np.abs(xs - med), 75) + 1e-9
         off = {r["policy"] for r in rows if abs(r["ppl_increase_percent"] - med) > 8 * spread + 1.0}
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    groups = [("table1", "main presets", "o"), ("table2", r"$\sigma$/$\delta$ ablation", "s"), ("sweep", "sweeps", "^")]
+    groups = [("table1", "main presets", "o"), ("table2", r"$\sigma$/$\delta$ ablation", "s"), ("sweep", "sweeps and other experiments", "^")]
     for gi, (exp, lab, marker) in enumerate(groups):
         sel = [r for r in rows if r["policy"] not in off and
                (r["_exp"] == exp if exp != "sweep" else r["_exp"] not in ("table1", "table2"))]
