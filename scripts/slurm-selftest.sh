@@ -27,6 +27,8 @@
 #   KVSTREAM_SLURM_UNTIL       limit the SLURM run to this rule and its inputs (e.g. eval; default:
 #                              the whole DAG, paper included)
 #   KVSTREAM_SLURM_PORTS       "ctld,slurmd" TCP ports (default 6817,6818)
+#   KVSTREAM_SLURM_ARGS        extra Snakemake arguments for the SLURM run, split at spaces
+#                              (e.g. "--slurm-array-jobs eval")
 set -Eeuo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,9 +62,6 @@ die() { log "ERROR: $*"; exit 1; }
 # ---------------------------------------------------------------------------------------------
 # daemons: start/stop (only processes this script started, recorded in $RUN/*.pid)
 # ---------------------------------------------------------------------------------------------
-STARTED=()          # pid files of daemons we started in this invocation
-BACKUP=""           # a pre-existing slurm.conf moved aside
-
 stop_daemons() {
     local pidfile pid name
     if [ -f "$RUN/slurmctld.pid.ours" ] && command -v scancel >/dev/null; then
@@ -132,7 +131,7 @@ fi
 [ "$(id -u)" -eq 0 ] || die "must run as root (installs Debian packages and starts munged, slurmctld, slurmd)"
 # one selftest per machine at a time: /etc/slurm/slurm.conf and the ports are machine-wide
 exec 9> /tmp/kvstream-slurm-selftest.lock
-flock -n 9 || die "another scripts/slurm-selftest.sh is running on this machine (lock /tmp/kvstream-slurm-selftest.lock)"
+flock -n 9 || die "another scripts/slurm-selftest.sh is running on this machine, or a cluster it left up with --up (stop that with --down); lock: /tmp/kvstream-slurm-selftest.lock"
 [ -x "$SNAKEMAKE" ] || die "$SNAKEMAKE not found: run scripts/setup.sh (or make setup) first"
 "$PYTHON" -c "import snakemake_executor_plugin_slurm" 2>/dev/null \
     || die "snakemake-executor-plugin-slurm is not installed in .venv (it is in requirements.lock: rerun scripts/setup.sh)"
@@ -299,8 +298,10 @@ if [ "$MODE" = full ]; then
     SM_COMMON+=(--configfile "$CONFIGFILE")
     # the reference needs only the cells (and what they depend on)
     LOCAL_ARGS+=(--until eval)
-    [ -n "$UNTIL" ] && SLURM_EXTRA+=(--until "$UNTIL")
+    if [ -n "$UNTIL" ]; then SLURM_EXTRA+=(--until "$UNTIL"); fi
 fi
+read -r -a _extra <<<"${KVSTREAM_SLURM_ARGS:-}"
+SLURM_EXTRA+=("${_extra[@]}")
 export PATH="$REPO/.venv/bin:$PATH"
 
 # Snakemake runs in the background and the script `wait`s for it, so that a signal to this script
