@@ -54,6 +54,16 @@ def rule_of(comment: str) -> tuple[str, str]:
     return m.group(1), m.group(2) or ""
 
 
+def gres_of(job: dict[str, str]) -> str:
+    """GPUs of a job as scontrol shows them: TresPerJob=gres:gpu:1 (sbatch --gpus=1)."""
+    return job.get("TresPerJob") or job.get("TresPerNode") or job.get("Gres") or ""
+
+
+def gpu_count(job: dict[str, str]) -> int:
+    m = re.search(r"gpu(?::[\w.]+)?:(\d+)", gres_of(job))
+    return int(m.group(1)) if m else 0
+
+
 def fail(msg: str) -> None:
     print(f"slurm-selftest: CHECK FAILED: {msg}", file=sys.stderr)
     sys.exit(1)
@@ -67,6 +77,7 @@ def main() -> None:
     ap.add_argument("--slurm", type=Path, required=True)
     ap.add_argument("--local-wall", type=int, default=0)
     ap.add_argument("--slurm-wall", type=int, default=0)
+    ap.add_argument("--expect-gpus", type=int, default=0, help="GPUs each eval job should hold")
     args = ap.parse_args()
 
     slurm_wd = os.path.realpath(args.slurm)
@@ -75,14 +86,15 @@ def main() -> None:
         fail(f"slurmctld knows no job with WorkDir={slurm_wd}: nothing ran through SLURM")
     jobs.sort(key=lambda j: int(j["JobId"]))
 
-    print(f"{'jobid':>6}  {'rule':<20} {'state':<10} {'wall_s':>6}  {'node':<8} wildcards")
+    print(f"{'jobid':>6}  {'rule':<20} {'state':<10} {'wall_s':>6}  {'node':<8} {'gres':<10} wildcards")
     bad = []
     by_rule: dict[str, list[dict[str, str]]] = {}
     for j in jobs:
         rule, wc = rule_of(j.get("Comment", ""))
         by_rule.setdefault(rule, []).append(j)
         wall = elapsed_s(j.get("RunTime", "0:0:0"))
-        print(f"{j['JobId']:>6}  {rule:<20} {j.get('JobState', '?'):<10} {wall:>6}  {j.get('NodeList', ''):<8} {wc}")
+        gres = gres_of(j) or "-"
+        print(f"{j['JobId']:>6}  {rule:<20} {j.get('JobState', '?'):<10} {wall:>6}  {j.get('NodeList', ''):<8} {gres:<10} {wc}")
         if j.get("JobState") != "COMPLETED":
             bad.append(f"{j['JobId']} ({rule}) {j.get('JobState')}")
     total_job_s = sum(elapsed_s(j.get("RunTime", "0:0:0")) for j in jobs)
@@ -97,23 +109,32 @@ def main() -> None:
     eval_jobs = by_rule.get("eval", [])
     if not eval_jobs:
         fail("no eval job ran through SLURM")
+    for rule, rjobs in by_rule.items():
+        want = args.expect_gpus if rule == "eval" else 0
+        for j in rjobs:
+            if gpu_count(j) != want:
+                fail(f"job {j['JobId']} ({rule}) was allocated {gpu_count(j)} GPUs, expected {want}: {gres_of(j)}")
 
     if args.mode == "smoke":
         cells = sorted((args.slurm / "smoke" / "cells").rglob("*.txt"))
         ids = {j["JobId"] for j in eval_jobs}
         seen = set()
         for c in cells:
-            m = re.search(r"job=(\S+)", c.read_text())
+            text = c.read_text()
+            m = re.search(r"job=(\S+)", text)
             jid = m.group(1) if m else None
             if jid not in ids:
                 fail(f"{c} was written under job {jid}, not by an eval SLURM job")
             seen.add(jid)
+            m = re.search(r"gpus=(\d+)", text)
+            if args.expect_gpus and (not m or int(m.group(1)) != args.expect_gpus):
+                fail(f"{c}: the job step saw {m.group(1) if m else '?'} GPUs, expected {args.expect_gpus}")
         if len(seen) != len(cells) or len(cells) != len(eval_jobs):
             fail(f"{len(cells)} cells, {len(eval_jobs)} eval jobs, {len(seen)} distinct job ids")
         local_cells = sorted((args.local / "smoke" / "cells").rglob("*.txt"))
         if [c.relative_to(args.local) for c in local_cells] != [c.relative_to(args.slurm) for c in cells]:
             fail("local and SLURM runs produced different cells")
-        print(f"OK: {len(cells)} eval cells, each written inside its own SLURM job")
+        print(f"OK: {len(cells)} eval cells, each written inside its own SLURM job holding {args.expect_gpus} GPU(s)")
         return
 
     def nll_files(root: Path) -> dict[str, Path]:
