@@ -9,8 +9,10 @@ a 2-core VM that 4 other engineers were loading at the same time (load average 4
     KVSTREAM_SLURM_TEST=1      scripts/slurm-selftest.sh: the whole tiny pipeline (47 SLURM jobs, paper
                                PDFs included) through a real single-node SLURM vs. its eval cells run
                                locally: 20 min (local reference 4.5 min, SLURM run 15 min)
-    KVSTREAM_SLURM_TEST=eval   the same up to the eval cells only (21 SLURM jobs; KVSTREAM_SLURM_UNTIL=eval)
-    KVSTREAM_SLURM_TEST=smoke  scripts/slurm-selftest.sh --smoke: scripts/slurm/smoke.smk only: 1.5 min
+    KVSTREAM_SLURM_TEST=eval   the same up to the eval cells only (KVSTREAM_SLURM_UNTIL=eval): 8 min
+                               (17 SLURM jobs with 14 cells)
+    KVSTREAM_SLURM_TEST=smoke  scripts/slurm-selftest.sh --smoke: scripts/slurm/smoke.smk only, each eval
+                               job holding one of the node's fake GPUs: 1.5 min
 """
 
 from __future__ import annotations
