@@ -261,8 +261,8 @@ def _trace_stats(cells: Mapping[str, dict], samples: Sequence[str]) -> dict:
 
 
 def _provenance_summary(cells: Iterable[dict]) -> dict:
-    keys = ("git_commit", "git_dirty", "torch", "transformers", "python", "device", "device_name", "dtype",
-            "threads", "model", "n_tokens", "seed", "hostname")
+    keys = ("git_commit", "git_dirty", "torch", "transformers", "python", "device", "device_name", "cpu_count",
+            "dtype", "threads", "model", "n_tokens", "seed", "hostname")
     out: dict[str, list] = {k: [] for k in keys}
     starts = []
     for c in cells:
@@ -826,6 +826,7 @@ def setup_table(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> s
         ("Warm-up decode steps", j([ev.get("warmup")]) if ev.get("warmup") is not None else "--"),
         ("dtype", j([str(d).replace("torch.", "") for d in prov.get("dtype") or []])),
         ("Device", j(prov.get("device_name") or prov.get("device"))),
+        ("CPU cores visible", j(prov.get("cpu_count"))),
         ("Torch threads per job", j(prov.get("threads"))),
         ("torch / transformers / Python", j(["/".join([", ".join(map(str, prov.get("torch") or ["?"])),
                                                      ", ".join(map(str, prov.get("transformers") or ["?"])),
@@ -975,6 +976,7 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
     m.add("DeviceName", one(prov.get("device_name")))
     m.add("DeviceKind", one(prov.get("device")))
     m.add("Threads", one(prov.get("threads")))
+    m.add("CpuCount", one(prov.get("cpu_count")))
     m.add("TorchVersion", one(prov.get("torch")))
     m.add("TransformersVersion", one(prov.get("transformers")))
     m.add("PythonVersion", one(prov.get("python")))
