@@ -5,10 +5,10 @@ scripts/slurm/smoke.smk, which has the pipeline's rule names, through both profi
 each job would ask SLURM for and that the KVSTREAM_SLURM_* variables switch it.
 
 Opt-in (root, Debian; installs slurmctld/slurmd/munge, starts them, stops them). Times measured on
-a 2-core VM that 4 other engineers were loading at the same time (load average 4-5):
-    KVSTREAM_SLURM_TEST=1      scripts/slurm-selftest.sh: the whole tiny pipeline (47 SLURM jobs, paper
+a 2-core VM that 4 other engineers were loading at the same time (load average 3-5):
+    KVSTREAM_SLURM_TEST=1      scripts/slurm-selftest.sh: the whole tiny pipeline (34 SLURM jobs, paper
                                PDFs included) through a real single-node SLURM vs. its eval cells run
-                               locally: 20 min (local reference 4.5 min, SLURM run 15 min)
+                               locally: 10.5 min (local reference 3 min, SLURM run 7.5 min)
     KVSTREAM_SLURM_TEST=eval   the same up to the eval cells only (KVSTREAM_SLURM_UNTIL=eval): 8 min
                                (17 SLURM jobs with 14 cells)
     KVSTREAM_SLURM_TEST=smoke  scripts/slurm-selftest.sh --smoke: scripts/slurm/smoke.smk only, each eval
