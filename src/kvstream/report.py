@@ -45,7 +45,7 @@ DEFAULT_SEED = 0
 ORIGINAL_FACTS = {
     "OrigModel": "Pythia-2.8B", "OrigDtype": "fp16", "OrigDataset": "PG19", "OrigTokens": "20\\,000",
     "OrigCap": "2048", "OrigTrainedContext": "2048", "OrigGPU": "NVIDIA A800 80GB", "OrigSamplesQuick": "3",
-    "OrigSamplesFull": "10",
+    "OrigSamplesFull": "10", "OrigAblR": "32", "OrigAblSigma": "16", "OrigAblDelta": "32", "OrigBestR": "64",
 }
 ORIGINAL_SETUP = "Pythia-2.8B, fp16, PG19 (20\\,000 tokens), cap 2048, NVIDIA A800 80GB, original code"
 ORIGINAL_PUBLISHED = {
@@ -1053,6 +1053,7 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
     m.add("KvOtherTables", "".join(rf"\input{{generated/tables/{e}.tex}}" for e in others))
     m.add("KvOtherNames", ", ".join(rf"\texttt{{{tex_escape(e)}}}" for e in others) or "none")
     _claims(m, aggs)
+    _identical(m, aggs)
     _peak_matched(m, aggs)
     _sweep_summaries(m, aggs)
     # Defaults, so the paper compiles whichever experiments exist (the prose that needs a number sits
@@ -1062,6 +1063,7 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
                   "DecodePpl", "Tpot", "PeakMem", "KvMB", "MaxLen", "Budget", "Label", "Mode"):
             m.add(f + st, "--")
     m.add("PeakMatchedSentence", r"No experiment in budget mode \texttt{cap} was run.")
+    m.add("TimingNoiseSentence", "")
     for name in CLAIM_MACROS:
         m.add(name, r"\emph{(not run in this configuration)}" if name.endswith("Sentence") else "n/a")
     m.raw("")
@@ -1076,8 +1078,69 @@ CLAIM_MACROS = (
     "SweepRSpeedLow", "SweepRSpeedHigh", "SweepRIncLow", "SweepRIncHigh", "SweepRMaxLenHigh", "SweepRSpeedWord",
     "SinkIncMin", "SinkIncMax", "PeakMatchedSentence", "BestVsMitContextSentence",
     "SweepSummarySweepCompressEvery", "SweepSummarySweepCacheSlack", "SweepSummarySweepMaxDrop",
-    "SweepSummarySweepNSink",
+    "SweepSummarySweepNSink", "TimingNoiseSentence", "TimingNoiseFactor", "IdenticalSentenceTableTwo",
+    "IdenticalSentenceSweepCacheSlack", "IdenticalSentenceSweepMaxDrop", "IdenticalSentenceSweepCompressEvery",
+    "IdenticalSentenceSweepNSink", "IdenticalSentenceTableOne",
 )
+
+
+def identical_groups(rows: Iterable[Mapping]) -> list[list[dict]]:
+    """Policies whose cells computed the same thing: identical measured traces and bit-identical per-token
+    NLL files on every sample (needs the hashes stored by `aggregate`)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        ps = r.get("per_sample") or {}
+        nll, tr = ps.get("nll_sha256"), ps.get("trace_sha256")
+        if not nll or None in nll or r.get("is_reference"):
+            continue
+        groups.setdefault((tuple(nll), tuple(tr or [])), []).append(dict(r))
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _group_text(g: Sequence[Mapping]) -> str:
+    names = ", ".join(rf"\texttt{{{tex_escape(r['policy'])}}}" for r in g)
+    t = [r.get("tpot_ms") for r in g if _finite(r.get("tpot_ms"))]
+    txt = rf"{{{names}}}"
+    if t:
+        txt += rf" (TPOT {fmt(min(t), 1)}--{fmt(max(t), 1)}\,ms)"
+    return txt
+
+
+def _identical(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
+    """Which cells computed identical results, per experiment and over all; the TPOT spread inside such a
+    group is a direct measurement of timing noise."""
+    for exp, agg in aggs.items():
+        groups = identical_groups(agg["policies"].values())
+        if groups:
+            m.add("IdenticalSentence" + macro_stem(exp),
+                  r"Cells that evicted identically and produced bit-identical per-token NLL on every sample: "
+                  + "; ".join(_group_text(g) for g in groups) + ".")
+        else:
+            m.add("IdenticalSentence" + macro_stem(exp), "")
+    seen: dict[str, dict] = {}
+    for agg in aggs.values():
+        for pol, r in agg["policies"].items():
+            seen.setdefault(pol, r)
+    groups = identical_groups(seen.values())
+    if groups:
+        m.add("IdenticalAllSentence",
+              r"Across all experiments, these groups of policies evicted identically (same measured cache-length "
+              r"trace) and produced bit-identical per-token NLL on every sample, although their knobs differ: "
+              + "; ".join(_group_text(g) for g in groups) + ".")
+        ratios = []
+        for g in groups:
+            t = [r.get("tpot_ms") for r in g if _finite(r.get("tpot_ms"))]
+            if len(t) > 1 and min(t) > 0:
+                ratios.append((max(t) / min(t), min(t), max(t)))
+        if ratios:
+            worst = max(ratios)
+            m.add("TimingNoiseFactor", fmt(worst[0], 2))
+            m.add("TimingNoiseSentence",
+                  rf"Since each such group runs exactly the same computation, the spread of its TPOT is timing noise "
+                  rf"of this machine: up to a factor of {fmt(worst[0], 2)} ({fmt(worst[1], 1)} to {fmt(worst[2], 1)}\,ms). "
+                  r"Latency differences between policies smaller than that are not resolved by this run.")
+    else:
+        m.add("IdenticalAllSentence", r"No two policies produced identical results.")
 
 
 def _sweep_summaries(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
@@ -1232,6 +1295,11 @@ def _claims(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
         if full:
             w = {r_s16_d["policy"]: 1, r_s16_dn["policy"]: -1, r_s0_d["policy"]: -1, r_s0_dn["policy"]: 1}
             c = contrast(t2, w)
+            hashes = {tuple(r["per_sample"].get("nll_sha256") or [None]) for r in (r_s0_dn, r_s16_dn, r_s0_d, r_s16_d)}
+            if len(hashes) == 1 and None not in next(iter(hashes)):
+                m.add("InteractionSentence",
+                      r"All four cells produced bit-identical per-token NLL on every sample, so the effects of slack "
+                      r"and max-drop and their interaction are exactly zero in this run.")
             m.add("InteractionValue", fmt(c["value"], 2, True))
             m.add("InteractionCI", _sentence_ci(c))
             ex = _ci_excludes_zero(c)
