@@ -981,7 +981,9 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
     m.add("TransformersVersion", one(prov.get("transformers")))
     m.add("PythonVersion", one(prov.get("python")))
     m.add("GitCommit", tex_escape(", ".join(c[:12] for c in prov.get("git_commit") or []) or "unrecorded"))
-    m.add("GitDirty", "with uncommitted changes" if True in (prov.get("git_dirty") or []) else "clean")
+    dirty = prov.get("git_dirty") or []
+    m.add("GitDirty", "with uncommitted changes" if True in dirty else "clean" if False in dirty else
+          "working-tree state unrecorded")
     m.add("CapTokens", fmt(ev.get("cap"), 0))
     m.add("Warmup", fmt(ev.get("warmup"), 0))
     m.add("Positions", tex_escape(ev.get("positions", "--")))
