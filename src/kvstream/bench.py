@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from kvstream.errors import KVStreamError
+from kvstream.evaluate import cpu_name
 
 SHAPES = {
     "tiny-llama": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -285,7 +285,7 @@ def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype,
 
     result = {
         "shape": shape, "budget": budget, "n_sink": N_SINK, "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "attn": attn,
         "steps": steps, "warmup": warmup, "repeats": repeats, "recompute_steps": recompute_steps,
         "torch": torch.__version__, "transformers": transformers.__version__,

@@ -355,7 +355,7 @@ def provenance(args: argparse.Namespace, policy: Policy, device: torch.device, d
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
         "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
@@ -367,6 +367,18 @@ def provenance(args: argparse.Namespace, policy: Policy, device: torch.device, d
         "hostname": socket.gethostname(),
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _sha256(path) -> str:
