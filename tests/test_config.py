@@ -32,18 +32,18 @@ def eval_jobs(output):
 
 
 @pytest.mark.parametrize(
-    "config_args, n_cells",
+    "config_args",
     [
-        # unique policies x samples: a policy shared between experiments is one cell
-        ([], None),
-        (["--configfile", "config/tiny.yaml"], None),
-        (["--configfile", "config/paper.yaml"], None),
-        (["--configfile", "config/paper.yaml", "--config", "scale=full"], None),
+        # one eval job per (policy, sample): a policy shared between experiments is one cell
+        [],
+        ["--configfile", "config/tiny.yaml"],
+        ["--configfile", "config/paper.yaml"],
+        ["--configfile", "config/paper.yaml", "--config", "scale=full"],
     ],
     ids=["default", "tiny", "paper-quick", "paper-full"],
 )
-def test_shipped_configs_plan_one_job_per_cell(workdir, config_args, n_cells):
-    proc = dry_run(workdir, None, *config_args)
+def test_shipped_configs_plan_one_job_per_cell(workdir, config_args):
+    proc = dry_run(workdir, None, "--resources", "gpu=1", *config_args)
     assert proc.returncode == 0, proc.stdout[-4000:]
     path = REPO / (config_args[1] if config_args else "config.yaml")
     cfg = load_config(path)
@@ -59,6 +59,12 @@ def test_shipped_configs_plan_one_job_per_cell(workdir, config_args, n_cells):
     cells = eval_jobs(proc.stdout)
     assert len(cells) == len(set(cells))
     assert set(cells) == expected
+    # eval jobs ask for a GPU exactly when they run on CUDA (`auto` depends on this machine)
+    gpu = re.findall(r"^rule eval:\n(?:    .*\n)*?    resources: (.*)$", proc.stdout, flags=re.M)
+    assert len(gpu) == len(cells)
+    if cfg["model"].get("device") in ("cpu", "cuda"):
+        wanted = cfg["model"]["device"] == "cuda"
+        assert all(("gpu=1" in r) == wanted for r in gpu), gpu[:2]
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,18 @@ def test_editing_paper_tex_reruns_only_the_pdf(completed, tex, pdfs):
     assert sorted(o for _, outs in jobs for o in outs) == pdfs, jobs
 
 
+def test_unreachable_hub_model_fails_with_the_message_on_the_terminal_and_in_the_log(tmp_path):
+    workdir = copy_repo(tmp_path / "repo")
+    cfg = edited(load_config(workdir / TINY), **{"model.name": "nowhere", "model.source": "kvstream-tests/no-such-model"})
+    write_config(workdir / "hub.yaml", cfg)
+    proc = snakemake(workdir, "--configfile", "hub.yaml", "--cores", "1", "results/models/nowhere", check=False)
+    assert proc.returncode != 0
+    log = workdir / "results/logs/prepare_model/nowhere.log"
+    assert "Hugging Face Hub" in log.read_text()
+    assert "--- last lines of results/logs/prepare_model/nowhere.log" in proc.stdout
+    assert "Hugging Face Hub" in proc.stdout.split("--- last lines of")[1]
+
+
 # ------------------------------------------------------------------------------------- end to end
 def _read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
