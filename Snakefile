@@ -20,10 +20,16 @@ include: "workflow/rules/eval.smk"
 
 HAVE_REPORT = (Path(workflow.basedir) / "workflow/rules/report.smk").exists()
 HAVE_PAPER = (Path(workflow.basedir) / "workflow/rules/paper.smk").exists()
+HAVE_BENCH = (Path(workflow.basedir) / "workflow/rules/bench.smk").exists()
 
 if HAVE_REPORT:
 
     include: "workflow/rules/report.smk"
+
+
+if HAVE_BENCH:
+
+    include: "workflow/rules/bench.smk"
 
 
 if HAVE_PAPER:

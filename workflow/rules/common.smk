@@ -18,6 +18,7 @@
 
 import copy
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -42,6 +43,9 @@ _src = str(REPO / "src")
 if _src not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [_src, os.environ.get("PYTHONPATH", "")] if p)
 KVSTREAM = "python -m kvstream"
+# Shell suffix of a job whose output goes to {log}: keep the exit status, show the log's tail on stderr
+# (so a message such as "the Hub cannot be reached; point the config at a local copy" reaches the terminal).
+ON_FAILURE = '|| {{ s=$?; echo "--- last lines of {log}:" >&2; tail -n 25 {log} >&2; exit $s; }}'
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,9 +144,7 @@ def check_config(cfg):
         if ref not in e["policies"]:
             raise ConfigError(
                 f"config error: experiments.{name}.reference: '{ref}' is not one of the experiment's policies; "
-                "add it to experiments.{name}.policies (PPL increase and speedup are measured against it)".replace(
-                    "{name}", name
-                )
+                f"add it to experiments.{name}.policies (PPL increase and speedup are measured against it)"
             )
     return cfg
 

@@ -1,17 +1,11 @@
 # Data and model: fetch_text (per dataset), prepare_model, tokenize_<dataset> (per model x dataset).
-# Every job's stdout/stderr goes to its log; on failure the last lines of the log are printed too, so a
-# message such as "the Hub cannot be reached; set datasets.X.path / model.source to a local copy"
+# Every job's stdout/stderr goes to its log; on failure the last lines of the log are printed too
+# (ON_FAILURE), so a message such as "the Hub cannot be reached; point the config at a local copy"
 # shows on the terminal.
-
-import re
 
 wildcard_constraints:
     model=re.escape(MODEL),
     dataset="|".join(re.escape(d) for d in DATASETS),
-
-
-# Shell suffix of every kvstream job: keep the exit status, show the tail of the job's log on stderr.
-ON_FAILURE = '|| {{ s=$?; echo "--- last lines of {log}:" >&2; tail -n 25 {log} >&2; exit $s; }}'
 
 
 def fetch_text_args(dataset):
