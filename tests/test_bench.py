@@ -31,3 +31,16 @@ def test_bench_rejects_small_budget(capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["bench", "--shape", "tiny-llama", "--budget", "20"])
     assert exc.value.code == 2 and "--budget 20 is too small" in capsys.readouterr().err
+
+
+def test_paper_table_and_macros_from_committed_gpu_run():
+    from pathlib import Path
+
+    from kvstream.bench import latex_macros, latex_table, load_results
+
+    [gpu] = load_results(Path(__file__).parents[1] / "benchmarks" / "h100" / "run4-final-gpu-check.json")
+    table, macros = latex_table([gpu], "caption"), latex_macros([gpu])
+    rows = {r["row"]: r for r in gpu["rows"]}
+    assert f"{rows['sink R=1 graph']['tpot_ms_median']:.2f}" in table and r"\toprule" in table
+    assert rf"\newcommand{{\BenchGpuSinkROneGraph}}{{{rows['sink R=1 graph']['ratio_to_floor']:.2f}}}" in macros
+    assert r"\BenchGpuBandwidthX" in macros and r"\BenchCpu" not in macros

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -369,3 +370,60 @@ def main(args: argparse.Namespace) -> int:
         with atomic_path(out.with_suffix(".md")) as tmp:
             tmp.write_text("\n\n".join(format_table(r) for r in results) + "\n")
     return 0
+
+
+def latex_table(results: list[dict], caption: str, label: str = "tab:bench") -> str:
+    """A booktabs table of one or more bench results (one block per shape/budget/device)."""
+
+    def esc(text: str) -> str:
+        return str(text).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
+             r"\begin{tabular}{lrrrr}", r"\toprule",
+             r"Row & TPOT ms & p10--p90 ms & $\times$ floor & mean length \\"]
+    for result in results:
+        lines += [r"\midrule",
+                  rf"\multicolumn{{5}}{{l}}{{\emph{{{esc(result['shape'])}, $C={result['budget']}$, "
+                  rf"{esc(result['device_name'])}, {esc(result['dtype'])}}}}} \\"]
+        for r in result["rows"]:
+            name = re.sub(r"R=(\d+)", r"$R=\1$", esc(r["row"])).replace("dense@C", "dense@$C$")
+            lines.append(f"{name} & {r['tpot_ms_median']:.2f} & {r['tpot_ms_p10']:.2f}--{r['tpot_ms_p90']:.2f} & "
+                         f"{r['ratio_to_floor']:.3f} & {r['mean_forward_len']:.1f} \\\\")
+        if result.get("bandwidth_floor_ms"):
+            lines.append(rf"\multicolumn{{5}}{{l}}{{\footnotesize memory-bandwidth floor "
+                         rf"{result['bandwidth_floor_ms']:.2f} ms ({result['bytes_per_token'] / 1e9:.2f} GB per token at "
+                         rf"{result['bandwidth_gb_s']:.0f} GB/s measured)}} \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def latex_macros(results: list[dict]) -> str:
+    """\\newcommand macros for the prose: ratios of the first CPU and the first CUDA result."""
+    lines = []
+    seen = set()
+    for result in results:
+        tag = "Gpu" if result["device"] == "cuda" else "Cpu"
+        if tag in seen:
+            continue
+        seen.add(tag)
+        rows = {r["row"]: r for r in result["rows"]}
+        names = {"sink R=1": "SinkROne", "sink R=64": "SinkRSixtyFour", "naive R=1": "NaiveROne",
+                 "recompute": "Recompute", "sink R=1 graph": "SinkROneGraph", "sink R=64 graph": "SinkRSixtyFourGraph"}
+        for row, name in names.items():
+            if row in rows:
+                lines.append(rf"\newcommand{{\Bench{tag}{name}}}{{{rows[row]['ratio_to_floor']:.2f}}}")
+        lines.append(rf"\newcommand{{\Bench{tag}Device}}{{{result['device_name']}}}")
+        lines.append(rf"\newcommand{{\Bench{tag}Shape}}{{{result['shape']}}}")
+        lines.append(rf"\newcommand{{\Bench{tag}Budget}}{{{result['budget']}}}")
+        if result.get("bandwidth_floor_ms") and "sink R=1 graph" in rows:
+            ratio = rows["sink R=1 graph"]["tpot_ms_median"] / result["bandwidth_floor_ms"]
+            lines.append(rf"\newcommand{{\Bench{tag}BandwidthX}}{{{ratio:.2f}}}")
+    return "\n".join(lines) + "\n"
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """Bench results from a `kvstream bench --out` file (a list) or a gpu_check.py report (key 'bench')."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        data = [data["bench"]] if "bench" in data else [data]
+    return data
