@@ -18,7 +18,7 @@ IGNORE = shutil.ignore_patterns(
     ".venv", ".git", ".snakemake", "results", "__pycache__", "*.egg-info", ".pytest_cache", "generated",
     "*.pdf", "*.aux", "*.log", "*.bbl", "*.blg", "*.fls", "*.fdb_latexmk", "*.out",
 )
-COPIED = ["Snakefile", "config.yaml", "config", "workflow", "envs", "paper", "src", "tests/fixtures"]
+COPIED = ["Snakefile", "config.yaml", "config", "workflow", "envs", "paper", "src", "tests/fixtures", "benchmarks"]
 
 
 def copy_repo(dest: Path) -> Path:
