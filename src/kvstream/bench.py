@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kvstream.errors import KVStreamError
-from kvstream.evaluate import cpu_name
+from kvstream.evaluate import StepTimer, cpu_name
 
 SHAPES = {
     "tiny-llama": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -126,33 +126,6 @@ def _rows(budget: int, naive: bool, graphs: bool) -> list[Row]:
     return rows
 
 
-class _Clock:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.pairs = []
-
-    def start(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def stop(self, started):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.pairs.append((started, e))
-        else:
-            self.pairs.append((time.perf_counter() - started) * 1000.0)
-
-    def ms(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in self.pairs]
-        return self.pairs
-
-
 def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps: int,
             recompute_steps: int | None = None) -> None:
     """Prefill, warm up, then time `steps` decode steps of one row; append to row.step_ms."""
@@ -161,7 +134,7 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps:
     from kvstream.schedule import Policy
 
     device = ids.device
-    clock = _Clock(device)
+    clock = StepTimer(device)
     if row.kind == "recompute" and recompute_steps:
         steps = recompute_steps
     total = warmup + steps
@@ -174,7 +147,7 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps:
                 if i >= warmup:
                     clock.stop(started)
                     row.lengths.append(budget)
-            row.step_ms += clock.ms()
+            row.step_ms += clock.milliseconds()
             return
         if row.kind == "naive":
             # the same peak as the sink rows: W = C - S - R
@@ -191,7 +164,7 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps:
                 if i >= warmup:
                     clock.stop(started)
                     row.lengths.append(length)
-            row.step_ms += clock.ms()
+            row.step_ms += clock.milliseconds()
             return
         if row.kind == "floor":
             policy = Policy("dense", cap=budget)
@@ -218,7 +191,7 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps:
                 cache.length -= 1
                 cache.n_seen -= 1
                 cache.slot_token[cache.length] = -1
-        row.step_ms += clock.ms()
+        row.step_ms += clock.milliseconds()
 
 
 def measure_bandwidth(device: torch.device, mib: int = 1024) -> float | None:

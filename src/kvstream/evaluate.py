@@ -95,7 +95,7 @@ class CellResult:
     extra: dict = field(default_factory=dict)
 
 
-class _Timer:
+class StepTimer:
     """Per-step wall time of the timed region; CUDA events on a GPU (no host sync inside the loop)."""
 
     def __init__(self, device: torch.device):
@@ -182,7 +182,7 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
     n = len(tokens)
     steps = n - 1 - prefill
     nll = torch.empty(n - 1, dtype=torch.float32, device=device)
-    timer, memory = _Timer(device), _Memory(device)
+    timer, memory = StepTimer(device), _Memory(device)
     cache_len: list[int] = []
     bar = _progress(steps, policy.type, progress)
     t_run = time.perf_counter()
