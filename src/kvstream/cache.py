@@ -378,5 +378,4 @@ class StreamingCache(Cache):
 
     def held_tokens(self) -> list[int]:
         """Absolute indices of the held tokens, in cache order (sinks, then window by arrival)."""
-        plan_free = sorted(int(t) for t in self.slot_token[: self.length] if t >= 0)
-        return plan_free
+        return sorted(int(t) for t in self.slot_token[: self.length] if t >= 0)
