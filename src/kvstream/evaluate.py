@@ -213,16 +213,16 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
                 started = timer.start()
                 logits = model(ids[None, start : t + 1], use_cache=False, logits_to_keep=1).logits[0, -1]
                 timer.stop(started)
-            elif decoder is not None:
-                cache_len.append(cache.next_forward_length(1))
-                started = timer.start()
-                logits = decoder.step(ids[t])
-                timer.stop(started)
             else:
-                cache_len.append(cache.next_forward_length(1))
+                # Planning the eviction is maintenance: it happens inside the timed step, and the
+                # length the forward attended over is read afterwards.
                 started = timer.start()
-                logits = model(ids[None, t : t + 1], cache=cache).logits[0, -1]
+                if decoder is not None:
+                    logits = decoder.step(ids[t])
+                else:
+                    logits = model(ids[None, t : t + 1], cache=cache).logits[0, -1]
                 timer.stop(started)
+                cache_len.append(cache.length)
             nll[t] = _nll_of(logits[None], ids[t + 1 : t + 2])[0]
             if bar is not None:
                 bar.update(1)
