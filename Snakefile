@@ -17,6 +17,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/speed.smk"
 
 HAVE_REPORT = (Path(workflow.basedir) / "workflow/rules/report.smk").exists()
 HAVE_PAPER = (Path(workflow.basedir) / "workflow/rules/paper.smk").exists()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from kvstream.cli import main as cli_main
 
@@ -22,8 +23,16 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert rows["sink R=1"]["mean_forward_len"] == rows["dense@C (floor)"]["mean_forward_len"] == 96
     assert rows["sink R=1 graph"]["mean_forward_len"] == rows["dense@C (floor) graph"]["mean_forward_len"] == 96
     assert all(r["mean_forward_len"] <= 96 for r in result["rows"])
-    assert all(r["timed_steps"] == 70 and r["tpot_ms_median"] > 0 for r in result["rows"])
-    assert "| sink R=64 |" in capsys.readouterr().out
+    # whole eviction periods, >= 70 steps and >= 2 events: R=32 -> 3 periods, R=64 -> 2 periods
+    for name, r in rows.items():
+        steps = 96 if "R=32" in name else 128 if "R=64" in name else 70
+        assert r["timed_steps"] == r["window_steps"] == steps and r["timed_steps"] % r["period"] == 0, name
+        assert r["events"] == (0 if "floor" in name or name == "recompute" else steps // r["period"]), name
+        assert r["tpot_ms_mean"] > 0 and r["tpot_ms_median"] > 0
+    floor = rows["dense@C (floor)"]["tpot_ms_mean"]
+    assert rows["sink R=64"]["ratio_to_floor"] == pytest.approx(rows["sink R=64"]["tpot_ms_mean"] / floor)
+    out = capsys.readouterr().out
+    assert "| sink R=64 |" in out and "TPOT mean ms" in out
     assert (tmp_path / "bench.md").read_text().count("| naive R=") == 2
 
 
@@ -44,3 +53,16 @@ def test_paper_table_and_macros_from_committed_gpu_run():
     assert f"{rows['sink R=1 graph']['tpot_ms_median']:.2f}" in table and r"\toprule" in table
     assert rf"\newcommand{{\BenchGpuSinkROneGraph}}{{{rows['sink R=1 graph']['ratio_to_floor']:.2f}}}" in macros
     assert r"\BenchGpuBandwidthX" in macros and r"\BenchCpu" not in macros
+    assert "median of steps" in table  # an old-format result (medians only) says so
+
+
+def test_paper_table_says_mean_for_new_results(tmp_path):
+    from kvstream.bench import latex_table, load_results, run_bench
+
+    result = run_bench("tiny-llama", 96, torch.device("cpu"), torch.float32, steps=4, warmup=1, repeats=1,
+                       naive=False, graphs=False)
+    (tmp_path / "b.json").write_text(json.dumps([result]))
+    [loaded] = load_results(tmp_path / "b.json")
+    table = latex_table([loaded], "caption")
+    assert "mean ms" in table and "median of steps" not in table
+    assert f"{loaded['rows'][1]['tpot_ms_mean']:.2f}" in table

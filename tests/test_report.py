@@ -37,10 +37,36 @@ PRESETS = {
 }
 
 
+_SPEED: dict[str, dict[str, list[float]]] = {}
+
+
+def speed_of(root: Path) -> Path:
+    """A `kvstream speed` result for the cells made under root: each cell's tpot_ms becomes one round
+    of its policy (synthetic, like the cells)."""
+    rounds = _SPEED.get(str(root), {})
+    n = max(len(v) for v in rounds.values())
+    policies = {}
+    for pol, ms in rounds.items():
+        ms = (ms * n)[:n]
+        policies[pol] = {"mean_ms": float(np.mean(ms)), "median_ms": float(np.median(ms)), "p10_ms": min(ms),
+                         "p90_ms": max(ms), "round_mean_ms": ms, "steps": 64 * n, "events": 2 * n,
+                         "ratio_to_floor": {"estimate": 1.0, "ci95": [1.0, 1.0]}}
+    path = root / "speed.json"
+    path.write_text(json.dumps({"kind": "kvstream-speed", "execution": "eager", "rounds": n, "threads": 1,
+                                "policies": policies}))
+    return path
+
+
+def aggregate(root: Path, paths, **kwargs) -> dict:
+    return report.aggregate(paths, speed=speed_of(root), **kwargs)
+
+
 def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: float, *,
               params: dict | None = None, prefill: int = 16, trace: list[int] | None = None,
               peak_mb: float = 100.0, model: str = "tiny", dataset: str = "toy") -> Path:
-    """Write results/cells/{model}/{dataset}/{policy}/s{i}.json and .nll.npy as `kvstream eval` does."""
+    """Write results/cells/{model}/{dataset}/{policy}/s{i}.json and .nll.npy as `kvstream eval` does;
+    tpot_ms goes to the speed run of root (speed_of), one round per cell."""
+    _SPEED.setdefault(str(root), {}).setdefault(policy, []).append(float(tpot_ms))
     params = dict(params or PRESETS[policy])
     d = root / "results" / "cells" / model / dataset / policy
     d.mkdir(parents=True, exist_ok=True)
@@ -60,7 +86,7 @@ def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: fl
                    "max_drop": params.get("max_drop"), "budget_mode": params.get("budget_mode", "fixed"), "cap": 16,
                    "positions": "relative", "budget": budget, "max_forward_len": max(trace),
                    "prefill_len": prefill},
-        "metrics": {"speedup": None, "tpot_ms": tpot_ms, "ppl_increase_percent": None,
+        "metrics": {"speedup": None, "tpot_ms": None, "ppl_increase_percent": None,
                     "peak_memory_mb": peak_mb},
         "streaming": {"perplexity": float(np.exp(nll.astype(np.float64).mean())),
                       "decode_perplexity": float(np.exp(dec.astype(np.float64).mean())) if dec.size else None,
@@ -68,8 +94,7 @@ def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: fl
                       "decode_time_sec": steps * tpot_ms / 1000, "decode_tokens": steps,
                       "n_targets": n, "nll_sum": float(nll.astype(np.float64).sum()),
                       "n_decode_targets": int(dec.size), "decode_nll_sum": float(dec.astype(np.float64).sum())},
-        "timing": {"tpot_ms_median": tpot_ms, "tpot_ms_mean": tpot_ms * 1.05, "tpot_ms_p90": tpot_ms * 1.2,
-                   "warmup_steps": 2, "step_ms": step_ms},
+        "timing": {"diagnostic_step_ms_median": tpot_ms, "warmup_steps": 2, "step_ms": step_ms},
         "memory": {"peak_memory_mb": peak_mb, "kv_cache_bytes": 4096 * budget,
                    "memory_kind": "process_peak_rss"},
         "trace": {"cache_len": list(map(int, trace))},
@@ -100,7 +125,7 @@ def make_experiment(root: Path, policies: list[str], n_samples: int = 3, n_token
 
 
 # ------------------------------------------------------------------------------------- tests
-def test_pooled_ppl_increase_and_geomean_speedup(tmp_path):
+def test_pooled_ppl_increase_and_speed_run_speedup(tmp_path):
     a0 = np.array([1.0, 2.0, 3.0])
     a1 = np.array([2.0, 2.0])
     b0 = a0 + 0.5
@@ -109,7 +134,7 @@ def test_pooled_ppl_increase_and_geomean_speedup(tmp_path):
              make_cell(tmp_path, "recompute", 1, a1, 90.0, prefill=2),
              make_cell(tmp_path, "mit_streaming", 0, b0, 10.0, prefill=2),
              make_cell(tmp_path, "mit_streaming", 1, b1, 20.0, prefill=2)]
-    agg = report.aggregate(paths, experiment="t", policies=["recompute", "mit_streaming"], n_boot=200)
+    agg = aggregate(tmp_path, paths, experiment="t", policies=["recompute", "mit_streaming"], n_boot=200)
     rec, mit = agg["policies"]["recompute"], agg["policies"]["mit_streaming"]
     ref_ppl = math.exp((6.0 + 4.0) / 5)
     ppl = math.exp((6.0 + 1.5 + 4.0 + 0.2) / 5)  # pooled: total nll / total targets, not mean of PPLs
@@ -120,7 +145,8 @@ def test_pooled_ppl_increase_and_geomean_speedup(tmp_path):
     dref = math.exp(3 / 1)
     dmit = math.exp(3.5 / 1)
     assert mit["decode_ppl_increase_percent"] == pytest.approx(100 * (dmit / dref - 1), rel=1e-5)
-    assert mit["speedup"] == pytest.approx(math.sqrt((100 / 10) * (90 / 20)), rel=1e-9)
+    # speed from the speed run: reference mean / policy mean (rounds 100, 90 and 10, 20)
+    assert mit["speedup"] == pytest.approx(95 / 15, rel=1e-9)
     assert mit["metrics"]["speedup"] == mit["speedup"]
     assert mit["metrics"]["ppl_increase_percent"] == mit["ppl_increase_percent"]
     assert rec["speedup"] == 1.0 and rec["ppl_increase_percent"] == 0.0
@@ -129,20 +155,20 @@ def test_pooled_ppl_increase_and_geomean_speedup(tmp_path):
 
 def test_bootstrap_interval_contains_point(tmp_path):
     paths = make_experiment(tmp_path, ["recompute", "mit_streaming", "ours_best"], n_samples=5)
-    agg = report.aggregate(paths, experiment="t", policies=["recompute", "mit_streaming", "ours_best"])
+    agg = aggregate(tmp_path, paths, experiment="t", policies=["recompute", "mit_streaming", "ours_best"])
     for pol in ("mit_streaming", "ours_best"):
         r = agg["policies"][pol]
         for name in ("ppl", "ppl_increase_percent", "speedup", "tpot_ms", "decode_ppl"):
             assert r[f"{name}_lo"] <= r[name] <= r[f"{name}_hi"], (pol, name)
             assert r[f"{name}_lo"] < r[f"{name}_hi"], (pol, name)
     # seeded: the same inputs give the same intervals
-    again = report.aggregate(paths, experiment="t", policies=["recompute", "mit_streaming", "ours_best"])
+    again = aggregate(tmp_path, paths, experiment="t", policies=["recompute", "mit_streaming", "ours_best"])
     assert again["policies"]["ours_best"]["speedup_lo"] == agg["policies"]["ours_best"]["speedup_lo"]
 
 
 def test_single_sample_interval_is_degenerate(tmp_path):
     paths = make_experiment(tmp_path, ["recompute", "mit_streaming"], n_samples=1)
-    agg = report.aggregate(paths, experiment="t", policies=["recompute", "mit_streaming"])
+    agg = aggregate(tmp_path, paths, experiment="t", policies=["recompute", "mit_streaming"])
     r = agg["policies"]["mit_streaming"]
     assert math.isfinite(r["ppl_increase_percent"])
     assert math.isnan(r["ppl_increase_percent_lo"]) and math.isnan(r["speedup_hi"])
@@ -152,25 +178,25 @@ def test_single_sample_interval_is_degenerate(tmp_path):
     assert math.isnan(back["policies"]["mit_streaming"]["speedup_lo"])
     table = report.experiment_table(back, "table1")
     assert r"\ci{" not in table  # no fake interval printed
-    assert "1 sample: no interval" in table
+    assert "1 sample: no PPL interval" in table
 
 
 def test_only_shared_samples_are_used(tmp_path):
     paths = make_experiment(tmp_path, ["recompute", "mit_streaming"], n_samples=3)
     extra = make_cell(tmp_path, "recompute", 7, np.ones(63), 100.0)
-    agg = report.aggregate(paths + [extra], experiment="t", policies=["recompute", "mit_streaming"])
+    agg = aggregate(tmp_path, paths + [extra], experiment="t", policies=["recompute", "mit_streaming"])
     assert agg["samples"] == ["s0", "s1", "s2"]
 
 
 def test_missing_policy_is_an_error(tmp_path):
     paths = make_experiment(tmp_path, ["recompute"], n_samples=2)
     with pytest.raises(report.KVStreamError, match="ours_best"):
-        report.aggregate(paths, experiment="t", policies=["recompute", "ours_best"])
+        aggregate(tmp_path, paths, experiment="t", policies=["recompute", "ours_best"])
 
 
 def test_csv_json_outputs(tmp_path):
     paths = make_experiment(tmp_path, ["recompute", "mit_streaming"], n_samples=2)
-    agg = report.aggregate(paths, experiment="table1", policies=["recompute", "mit_streaming"])
+    agg = aggregate(tmp_path, paths, experiment="table1", policies=["recompute", "mit_streaming"])
     report.write_aggregate(agg, tmp_path / "agg.json", tmp_path / "agg.csv")
     data = json.loads((tmp_path / "agg.json").read_text())
     assert data["policies"]["mit_streaming"]["metrics"]["speedup"] == pytest.approx(agg["policies"]["mit_streaming"]["speedup"])
@@ -189,7 +215,7 @@ def _all_aggs(root: Path) -> dict:
     out = {}
     for name, pols in (("table1", t1), ("table2", t2), ("sweep_compress_every", sw)):
         cells = [p for p in paths if p.parent.name in pols]
-        out[name] = report.aggregate(cells, experiment=name, policies=pols)
+        out[name] = aggregate(root, cells, experiment=name, policies=pols)
     return out
 
 
@@ -240,7 +266,7 @@ def test_delta_at_sigma_zero_identical_nll_detected(tmp_path):
             paths.append(make_cell(tmp_path, pol, i, nll + 0.1, 10.0))
         for pol in ("abl_s4_dnull", "ours_softlite"):
             paths.append(make_cell(tmp_path, pol, i, nll + 0.05 * (i + 1), 10.0))
-    agg = report.aggregate(paths, experiment="table2",
+    agg = aggregate(tmp_path, paths, experiment="table2",
                            policies=["recompute", "abl_s0_dnull", "abl_s4_dnull", "abl_s0_d8", "ours_softlite"])
     tex = report.macros_tex({"table2": agg}, {})
     assert "bit-identical" in tex
@@ -269,7 +295,7 @@ def test_cli_aggregate_tables_macros(tmp_path):
     out = tmp_path / "agg" / "table1.json"
     with pytest.raises(SystemExit) as exc:
         cli.main(["aggregate", *map(str, paths), "--experiment", "table1", "--policies", "recompute", "mit_streaming",
-                  "--json", str(out), "--csv", str(tmp_path / "agg" / "table1.csv")])
+                  "--speed", str(speed_of(tmp_path)), "--json", str(out), "--csv", str(tmp_path / "agg" / "table1.csv")])
     assert exc.value.code == 0
     assert json.loads(out.read_text())["policies"]["mit_streaming"]["metrics"]["speedup"] > 1
     with pytest.raises(SystemExit):
@@ -323,3 +349,55 @@ def test_cache_trace_plots_the_measured_trace(tmp_path):
     finally:
         matplotlib.axes.Axes.step = orig
     assert captured["y"] == [weird]
+
+
+def test_paired_subsample_of_a_sparse_reference(tmp_path):
+    """recompute_every k: the reference scores every k-th decode target (NaN elsewhere); the increase is
+    computed on the paired targets only, and the interval also resamples those targets."""
+    rng = np.random.default_rng(5)
+    k, prefill, n = 4, 16, 80
+    paths, ref_all, pol_all = [], [], []
+    for i in range(4):
+        ref = rng.uniform(1, 3, n)
+        pol = ref + rng.normal(0.05, 0.2, n)
+        sparse = ref.copy()
+        decode = np.arange(n) >= prefill
+        sparse[decode & ((np.arange(n) - prefill) % k != 0)] = np.nan
+        p = make_cell(tmp_path, "recompute", i, sparse, 100.0, prefill=prefill)
+        cell = json.loads(p.read_text())
+        cell["policy"]["recompute_every"] = k
+        ok = np.isfinite(sparse)
+        cell["streaming"].update(nll_sum=float(sparse[ok].sum()), n_targets=int(ok.sum()))
+        p.write_text(json.dumps(cell))
+        paths += [p, make_cell(tmp_path, "mit_streaming", i, pol, 10.0, prefill=prefill)]
+        ref_all.append(sparse)
+        pol_all.append(pol.astype(np.float32).astype(float))
+    agg = aggregate(tmp_path, paths, experiment="t", policies=["recompute", "mit_streaming"], n_boot=500)
+    mit = agg["policies"]["mit_streaming"]
+    d = np.concatenate([(p - r.astype(np.float32))[np.isfinite(r)] for p, r in zip(pol_all, ref_all)])
+    assert mit["ppl_increase_percent"] == pytest.approx(100 * (math.exp(d.mean()) - 1), rel=1e-5)
+    assert mit["paired_targets"] == 4 * len(range(0, n - prefill, k))
+    assert mit["ppl_increase_percent_lo"] < mit["ppl_increase_percent"] < mit["ppl_increase_percent_hi"]
+    assert agg["recompute_every"] == k and "every 4-th" in agg["pairing_note"]
+    # the reference's own PPL is over the targets it scored
+    assert agg["policies"]["recompute"]["n_targets"] == sum(int(np.isfinite(r).sum()) for r in ref_all)
+
+
+def test_reused_cells_keep_their_own_policy_block(tmp_path):
+    from kvstream.cells import reuse_cells
+    from kvstream.schedule import Policy, cache_lengths
+
+    a = dict(type="sink", n_sink=8, window_size=8, compress_every=4, cache_slack=0, max_drop=None)
+    b = dict(a, cache_slack=4, max_drop=4)  # sigma cannot act when delta >= R: the same schedule
+    n = 40
+    trace = cache_lengths(Policy(**a), n)
+    assert trace == cache_lengths(Policy(**b), n)
+    src = make_cell(tmp_path, "abl_s0_dnull", 0, np.linspace(1, 2, n - 1), 10.0, params=a, trace=trace)
+    out = tmp_path / "reused" / "s0.json"
+    reuse_cells([src], [out], b, "ours_softlite", "abl_s0_dnull")
+    cell = json.loads(out.read_text())
+    assert cell["policy"]["cache_slack"] == 4 and cell["policy"]["max_drop"] == 4
+    assert cell["cell"]["policy"] == "ours_softlite" and cell["reused_from"]["policy"] == "abl_s0_dnull"
+    assert np.load(tmp_path / "reused" / "s0.nll.npy").tobytes() == np.load(src.with_suffix("").with_suffix(".nll.npy")).tobytes()
+    with pytest.raises(report.KVStreamError, match="another cache-length trace"):
+        reuse_cells([src], [tmp_path / "bad.json"], dict(a, compress_every=2), "x", "abl_s0_dnull")

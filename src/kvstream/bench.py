@@ -10,9 +10,13 @@ Rows, all timed in one process and interleaved across repeats (so machine noise 
             concatenation, an event slices it and re-rotates every kept key in the cache dtype.
 
 Weights are random (timing depends on shapes, not values). Times are per decode step: forward plus
-cache maintenance, after warm-up, synchronised (CUDA events on a GPU); median and p10-p90 over all
-timed steps of all repeats. On a GPU it also measures device memory bandwidth and prints the
-bandwidth floor: (weight bytes + KV bytes read per step) / bandwidth.
+cache maintenance, synchronised (CUDA events on a GPU). Each repeat of a row times a whole number of
+that row's steady-state eviction periods (>= the requested steps, >= 2 events; the schedule's
+transient and the warm-up untimed) and every step in it, eviction steps included, so the primary
+figure, the mean, is the amortised cost per token; median and p10-p90 are extra columns, and
+ratio_to_floor is a ratio of means. On a GPU it also measures device memory bandwidth and prints
+the bandwidth floor: (weight bytes + KV bytes read per step) / bandwidth.
+Results written before this rule (benchmarks/h100/*.json) have medians only: `tpot_ms` reads them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch
 
 from kvstream.errors import KVStreamError
 from kvstream.evaluate import StepTimer, cpu_name
+from kvstream.schedule import Policy
+from kvstream.speed import steady_schedule, timed_window
 
 SHAPES = {
     "tiny-llama": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -77,6 +83,7 @@ class NaiveSinkCache:
         self.cache = DynamicCache(config=model.config)
         self.rotary = Rotary.from_model(model)
         self.n_sink, self.budget, self.compress_every = n_sink, n_sink + window, compress_every
+        self.events = 0
 
     def length(self) -> int:
         return self.cache.get_seq_length()
@@ -85,6 +92,7 @@ class NaiveSinkCache:
         overflow = self.length() - self.budget
         if overflow <= 0 or overflow < self.compress_every:
             return
+        self.events += 1
         s = self.n_sink
         rotary = self.rotary if self.rotary.inv_freq.device == self.cache.layers[0].keys.device else None
         if rotary is None:
@@ -109,6 +117,24 @@ class Row:
         self.name, self.kind, self.knobs = name, kind, knobs
         self.step_ms: list[float] = []
         self.lengths: list[int] = []
+        self.events = 0
+        self.warmup = self.window = self.period = 0
+
+    def policy(self, budget: int) -> Policy:
+        """The policy whose schedule this row follows (naive: the sink schedule it implements)."""
+        if self.kind in ("floor", "recompute"):
+            return Policy("dense" if self.kind == "floor" else "recompute", cap=budget)
+        r = self.knobs["compress_every"]
+        if self.kind == "naive":  # the same peak as the sink rows: W = C - S - R
+            return Policy("sink", n_sink=N_SINK, window_size=budget - N_SINK - r, compress_every=r)
+        return Policy("sink", n_sink=N_SINK, compress_every=r, budget_mode="cap", cap=budget)
+
+    def plan(self, budget: int, warmup: int, steps: int) -> None:
+        """Timed steps per repeat: whole periods, >= steps and >= 2 events; untimed: transient + warmup."""
+        schedule = steady_schedule(self.policy(budget))
+        self.warmup = schedule.transient + warmup
+        self.window = timed_window(schedule, steps, min_events=2)
+        self.period = schedule.period
 
 
 def _rows(budget: int, naive: bool, graphs: bool) -> list[Row]:
@@ -126,18 +152,14 @@ def _rows(budget: int, naive: bool, graphs: bool) -> list[Row]:
     return rows
 
 
-def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps: int,
-            recompute_steps: int | None = None) -> None:
-    """Prefill, warm up, then time `steps` decode steps of one row; append to row.step_ms."""
+def run_row(model, row: Row, budget: int, ids: torch.Tensor) -> None:
+    """Prefill, warm up, then time row.window decode steps of one row; append to row.step_ms."""
     from kvstream.cache import StreamingCache
     from kvstream.graphs import StaticDecoder, decode_context
-    from kvstream.schedule import Policy
 
     device = ids.device
     clock = StepTimer(device)
-    if row.kind == "recompute" and recompute_steps:
-        steps = recompute_steps
-    total = warmup + steps
+    warmup, total = row.warmup, row.warmup + row.window
     with torch.inference_mode(), decode_context(device, static=row.knobs["graph"]):
         if row.kind == "recompute":
             for i in range(total):
@@ -150,13 +172,14 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps:
             row.step_ms += clock.milliseconds()
             return
         if row.kind == "naive":
-            # the same peak as the sink rows: W = C - S - R
-            r = row.knobs["compress_every"]
-            cache = NaiveSinkCache(model, N_SINK, budget - N_SINK - r, r)
+            policy = row.policy(budget)
+            cache = NaiveSinkCache(model, N_SINK, policy.window_size, policy.compress_every)
             prefill = cache.budget
             model(ids[None, :prefill], cache=cache.cache)
             for i in range(total):
                 t = prefill + i
+                if i == warmup:
+                    events = cache.events
                 started = clock.start()
                 cache.evict()
                 length = cache.length() + 1
@@ -165,19 +188,21 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps:
                     clock.stop(started)
                     row.lengths.append(length)
             row.step_ms += clock.milliseconds()
+            row.events += cache.events - events
             return
+        policy = row.policy(budget).resolved()
         if row.kind == "floor":
-            policy = Policy("dense", cap=budget)
             cache = StreamingCache(model, policy, reserve=budget)
             prefill = budget - 1
         else:
-            policy = Policy("sink", n_sink=N_SINK, compress_every=row.knobs["compress_every"], budget_mode="cap", cap=budget)
             cache = StreamingCache(model, policy, rebase_at="auto")
-            prefill = policy.resolved().budget
+            prefill = policy.budget
         model(ids[None, :prefill], cache=cache)
         decoder = StaticDecoder(model, cache) if row.knobs["graph"] else None
         for i in range(total):
             t = prefill + i
+            if i == warmup:
+                events = cache.events
             started = clock.start()  # eviction planning included: it is cache maintenance
             if decoder is not None:
                 decoder.step(ids[t])
@@ -191,6 +216,7 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor, warmup: int, steps:
                 cache.n_seen -= 1
                 cache.slot_token[cache.length] = -1
         row.step_ms += clock.milliseconds()
+        row.events += cache.events - events
 
 
 def measure_bandwidth(device: torch.device, mib: int = 1024) -> float | None:
@@ -229,30 +255,36 @@ def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype,
               recompute_steps: int | None = None) -> dict:
     model = build_model(shape, device, dtype, attn)
     vocab = model.config.vocab_size
-    total_tokens = budget + warmup + steps + 2
+    rows = _rows(budget, naive, graphs=device.type == "cuda" if graphs is None else graphs)
+    for row in rows:
+        row.plan(budget, warmup, recompute_steps if row.kind == "recompute" and recompute_steps else steps)
+    total_tokens = budget + max(r.warmup + r.window for r in rows) + 2
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (total_tokens,), generator=gen).to(device)
-    rows = _rows(budget, naive, graphs=device.type == "cuda" if graphs is None else graphs)
     for _ in range(repeats):
         for row in rows:
-            run_row(model, row, budget, ids, warmup, steps, recompute_steps)
-    floors = {g: statistics.median(r.step_ms) for r in rows if r.kind == "floor" for g in [r.knobs["graph"]]}
+            run_row(model, row, budget, ids)
+    floors = {g: statistics.mean(r.step_ms) for r in rows if r.kind == "floor" for g in [r.knobs["graph"]]}
     bandwidth = measure_bandwidth(device)
     moved = bytes_per_token(model, budget)
     out_rows = []
     for row in rows:
         ms = np.asarray(row.step_ms)
-        med = float(np.median(ms))
+        mean = float(np.mean(ms))
         floor = floors[row.knobs["graph"]]
         out_rows.append({
             "row": row.name,
             "cuda_graph": row.knobs["graph"],
-            "tpot_ms_median": med,
+            "tpot_ms_mean": mean,
+            "tpot_ms_median": float(np.median(ms)),
             "tpot_ms_p10": float(np.percentile(ms, 10)),
             "tpot_ms_p90": float(np.percentile(ms, 90)),
-            "ratio_to_floor": med / floor,
+            "ratio_to_floor": mean / floor,
             "mean_forward_len": float(np.mean(row.lengths)),
             "timed_steps": int(len(ms)),
+            "period": row.period,
+            "window_steps": row.window,
+            "events": row.events,
         })
     import transformers
 
@@ -264,28 +296,42 @@ def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "bytes_per_token": moved, "bandwidth_gb_s": bandwidth,
         "bandwidth_floor_ms": None if bandwidth is None else moved / (bandwidth * 1e9) * 1000.0,
+        "statistic": "mean over whole eviction periods, every step timed",
         "rows": out_rows,
     }
     return result
 
 
+def tpot_ms(row: dict) -> float:
+    """A row's primary figure: the mean; the median in results written before the mean rule."""
+    return row["tpot_ms_mean"] if "tpot_ms_mean" in row else row["tpot_ms_median"]
+
+
+def statistic(result: dict) -> str:
+    """"mean", or "median" for a result written before the mean rule."""
+    return "mean" if all("tpot_ms_mean" in r for r in result["rows"]) else "median"
+
+
 def format_table(result: dict) -> str:
     head = (f"{result['shape']}  C={result['budget']}  {result['device_name']} ({result['device']}, {result['dtype']}, "
-            f"{result['threads']} threads, attn={result['attn']})  steps={result['steps']} x repeats={result['repeats']} "
-            f"(recompute: {result['recompute_steps'] or result['steps']}) "
-            f"after {result['warmup']} warm-up")
-    lines = [head, "", "| row | TPOT median ms | p10-p90 ms | ratio to dense floor (same mode) | mean forward len |",
-             "|---|---|---|---|---|"]
+            f"{result['threads']} threads, attn={result['attn']})  >= {result['steps']} steps "
+            f"(recompute: {result.get('recompute_steps') or result['steps']})")
+    stat = statistic(result)
+    head += (f" in whole eviction periods x repeats={result['repeats']}, after {result['warmup']} warm-up"
+             if stat == "mean" else f" x repeats={result['repeats']} (run before the mean rule: medians)")
+    lines = [head, "", f"| row | TPOT {stat} ms | median ms | p10-p90 ms | ratio to dense floor ({stat}s, same mode) | "
+                       "mean forward len | timed steps | events |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['row']} | {r['tpot_ms_median']:.3f} | {r['tpot_ms_p10']:.3f}-{r['tpot_ms_p90']:.3f} | "
-                     f"{r['ratio_to_floor']:.3f} | {r['mean_forward_len']:.1f} |")
+        lines.append(f"| {r['row']} | {tpot_ms(r):.3f} | {r['tpot_ms_median']:.3f} | {r['tpot_ms_p10']:.3f}-"
+                     f"{r['tpot_ms_p90']:.3f} | {r['ratio_to_floor']:.3f} | {r['mean_forward_len']:.1f} | "
+                     f"{r['timed_steps']} | {r.get('events', '')} |")
     if result["bandwidth_floor_ms"] is not None:
         lines += ["", f"memory bandwidth {result['bandwidth_gb_s']:.0f} GB/s (measured copy), "
                       f"{result['bytes_per_token'] / 1e9:.3f} GB moved per token -> bandwidth floor "
                       f"{result['bandwidth_floor_ms']:.3f} ms"]
         for r in result["rows"]:
             if r["row"].startswith("sink R=1"):
-                lines.append(f"{r['row']}: {r['tpot_ms_median'] / result['bandwidth_floor_ms']:.2f}x the bandwidth floor")
+                lines.append(f"{r['row']}: {tpot_ms(r) / result['bandwidth_floor_ms']:.2f}x the bandwidth floor")
     return "\n".join(lines)
 
 
@@ -296,7 +342,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default float32 on CPU, float16 on CUDA")
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--steps", type=int, default=64,
+                   help="timed steps per repeat at least; each row times whole eviction periods with >= 2 events")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--recompute-steps", type=int, default=None,
@@ -352,14 +399,15 @@ def latex_table(results: list[dict], caption: str, label: str = "tab:bench") -> 
 
     lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
              r"\begin{tabular}{lrrrr}", r"\toprule",
-             r"Row & TPOT ms & p10--p90 ms & $\times$ floor & mean length \\"]
+             r"Row & mean ms & p10--p90 ms & $\times$ floor & mean length \\"]
     for result in results:
+        stat = "" if statistic(result) == "mean" else ", median of steps (run before the mean rule)"
         lines += [r"\midrule",
                   rf"\multicolumn{{5}}{{l}}{{\emph{{{esc(result['shape'])}, $C={result['budget']}$, "
-                  rf"{esc(result['device_name'])}, {esc(result['dtype'])}}}}} \\"]
+                  rf"{esc(result['device_name'])}, {esc(result['dtype'])}{stat}}}}} \\"]
         for r in result["rows"]:
             name = re.sub(r"R=(\d+)", r"$R=\1$", esc(r["row"])).replace("dense@C", "dense@$C$")
-            lines.append(f"{name} & {r['tpot_ms_median']:.2f} & {r['tpot_ms_p10']:.2f}--{r['tpot_ms_p90']:.2f} & "
+            lines.append(f"{name} & {tpot_ms(r):.2f} & {r['tpot_ms_p10']:.2f}--{r['tpot_ms_p90']:.2f} & "
                          f"{r['ratio_to_floor']:.3f} & {r['mean_forward_len']:.1f} \\\\")
         if result.get("bandwidth_floor_ms"):
             lines.append(rf"\multicolumn{{5}}{{l}}{{\footnotesize memory-bandwidth floor "
@@ -388,7 +436,7 @@ def latex_macros(results: list[dict]) -> str:
         lines.append(rf"\newcommand{{\Bench{tag}Shape}}{{{result['shape']}}}")
         lines.append(rf"\newcommand{{\Bench{tag}Budget}}{{{result['budget']}}}")
         if result.get("bandwidth_floor_ms") and "sink R=1 graph" in rows:
-            ratio = rows["sink R=1 graph"]["tpot_ms_median"] / result["bandwidth_floor_ms"]
+            ratio = tpot_ms(rows["sink R=1 graph"]) / result["bandwidth_floor_ms"]
             lines.append(rf"\newcommand{{\Bench{tag}BandwidthX}}{{{ratio:.2f}}}")
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     "kvstream.evaluate",  # eval
     "kvstream.data",  # fetch-text, prepare-model, tokenize
     "kvstream.bench",  # bench
+    "kvstream.speed",  # speed
     "kvstream.report",  # aggregate, tables, figures, macros
 ]
 

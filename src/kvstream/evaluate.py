@@ -93,6 +93,7 @@ class CellResult:
     memory_kind: str
     kv_cache_bytes: int
     extra: dict = field(default_factory=dict)
+    batch_size: int = 1
 
 
 class StepTimer:
@@ -166,24 +167,41 @@ def _nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, progress: bool = False,
-             cuda_graphs: bool | None = None) -> CellResult:
-    """Evaluate one policy on one token sequence (the model is already on its device).
+             cuda_graphs: bool | None = None, recompute_every: int = 1) -> CellResult:
+    """Evaluate one policy on one token sequence (the model is already on its device)."""
+    return run_cells(model, [tokens], policy, warmup=warmup, progress=progress, cuda_graphs=cuda_graphs,
+                     recompute_every=recompute_every)[0]
 
+
+def run_cells(model, samples: list[np.ndarray], policy: Policy, *, warmup: int = 8, progress: bool = False,
+              cuda_graphs: bool | None = None, recompute_every: int = 1) -> list[CellResult]:
+    """Evaluate one policy on equal-length token sequences as one batch: one CellResult per sample.
+
+    The schedule does not depend on content, so every row of the batch evicts at the same steps and
+    row b's NLL is that of a one-sample run of samples[b] (up to kernel rounding). Timing, memory and
+    the cache trace belong to the batch and are shared by its cells.
     cuda_graphs: decode window/sink steps with fixed shapes replayed from a CUDA graph (default: on
     CUDA). The numbers are the same as the eager path's; only the per-step overhead changes.
+    recompute_every: the recompute baseline scores only every k-th decode target (decode steps
+    0, k, 2k, ...; the others are NaN in the NLL), the prefill targets always.
     """
     from kvstream.cache import StreamingCache
     from kvstream.graphs import StaticDecoder, decode_context
 
     policy = policy.resolved()
-    prefill = check_cell_inputs(tokens, policy)
+    if len({len(t) for t in samples}) != 1:
+        raise KVStreamError(f"a batch needs samples of equal length, got {sorted({len(t) for t in samples})} tokens")
+    if recompute_every < 1 or (recompute_every > 1 and policy.type != "recompute"):
+        raise KVStreamError(f"--recompute-every {recompute_every}: must be >= 1, and > 1 only for policy recompute")
+    prefill = check_cell_inputs(samples[0], policy)
     device = next(model.parameters()).device
-    ids = torch.as_tensor(tokens, device=device)
-    n = len(tokens)
+    ids = torch.as_tensor(np.stack(samples), device=device)
+    batch, n = ids.shape
     steps = n - 1 - prefill
-    nll = torch.empty(n - 1, dtype=torch.float32, device=device)
+    nll = torch.full((batch, n - 1), float("nan"), dtype=torch.float32, device=device)
     timer, memory = StepTimer(device), _Memory(device)
     cache_len: list[int] = []
+    scored_steps: list[int] = []
     bar = _progress(steps, policy.type, progress)
     t_run = time.perf_counter()
 
@@ -197,8 +215,9 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
             cache = StreamingCache(model, policy, rebase_at="auto", reserve=reserve)
         _sync(device)
         t0 = time.perf_counter()
-        logits = model(ids[None, :prefill], cache=cache, use_cache=cache is not None).logits[0]
-        nll[:prefill] = _nll_of(logits, ids[1 : prefill + 1])
+        logits = model(ids[:, :prefill], cache=cache, use_cache=cache is not None).logits
+        for b in range(batch):  # row by row: the float32 copy of [P, V] logits is made once per row
+            nll[b, :prefill] = _nll_of(logits[b], ids[b, 1 : prefill + 1])
         del logits
         _sync(device)
         prefill_time = time.perf_counter() - t0
@@ -208,22 +227,25 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
         t0 = time.perf_counter()
         for t in range(prefill, n - 1):
             if policy.type == "recompute":
+                if (t - prefill) % recompute_every:
+                    continue
                 start = max(0, t + 1 - policy.cap)
                 cache_len.append(t + 1 - start)
                 started = timer.start()
-                logits = model(ids[None, start : t + 1], use_cache=False, logits_to_keep=1).logits[0, -1]
+                logits = model(ids[:, start : t + 1], use_cache=False, logits_to_keep=1).logits[:, -1]
                 timer.stop(started)
             else:
                 # Planning the eviction is maintenance: it happens inside the timed step, and the
                 # length the forward attended over is read afterwards.
                 started = timer.start()
                 if decoder is not None:
-                    logits = decoder.step(ids[t])
+                    logits = decoder.step(ids[:, t])
                 else:
-                    logits = model(ids[None, t : t + 1], cache=cache).logits[0, -1]
+                    logits = model(ids[:, t : t + 1], cache=cache).logits[:, -1]
                 timer.stop(started)
                 cache_len.append(cache.length)
-            nll[t] = _nll_of(logits[None], ids[t + 1 : t + 2])[0]
+            scored_steps.append(t - prefill)
+            nll[:, t] = _nll_of(logits, ids[:, t + 1])
             if bar is not None:
                 bar.update(1)
         _sync(device)
@@ -232,11 +254,16 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
         bar.close()
     step_ms = timer.milliseconds()
     peak = memory.peak_mb()
-    nll_host = nll.cpu().numpy()
-    if not np.all(np.isfinite(nll_host)):
-        bad = int(np.flatnonzero(~np.isfinite(nll_host))[0])
+    nll_host = nll.cpu().numpy().astype(np.float32)
+    scored = np.zeros(n - 1, dtype=bool)
+    scored[:prefill] = True
+    scored[prefill + np.asarray(scored_steps, dtype=np.int64)] = True
+    bad = ~np.isfinite(nll_host) & scored
+    if bad.any():
+        row, target = (int(x[0]) for x in np.nonzero(bad))
         raise KVStreamError(
-            f"the loss is NaN or inf at target {bad + 1} (policy {policy.type}): try --dtype float32 or bfloat16"
+            f"the loss is NaN or inf at target {target + 1} of sample {row} (policy {policy.type}): "
+            "try --dtype float32 or bfloat16"
         )
     extra = {}
     if cache is not None:
@@ -246,19 +273,26 @@ def run_cell(model, tokens: np.ndarray, policy: Policy, *, warmup: int = 8, prog
             expected = cache_lengths(policy, n)
             if expected != cache_len:  # the cache must follow the pure schedule exactly
                 raise RuntimeError("internal error: the cache's lengths differ from the schedule function")
-    return CellResult(
-        nll=nll_host.astype(np.float32),
-        prefill_len=prefill,
-        step_ms=step_ms,
-        cache_len=cache_len,
-        prefill_time_sec=prefill_time,
-        decode_time_sec=decode_time,
-        runtime_sec=time.perf_counter() - t_run,
-        peak_memory_mb=peak,
-        memory_kind=memory.kind,
-        kv_cache_bytes=0 if cache is None else cache.kv_cache_bytes,
-        extra=extra,
-    )
+    if recompute_every > 1:
+        extra = {"recompute_every": recompute_every, "scored_decode_steps": len(scored_steps)}
+    runtime = time.perf_counter() - t_run
+    return [
+        CellResult(
+            nll=nll_host[b],
+            prefill_len=prefill,
+            step_ms=step_ms,
+            cache_len=cache_len,
+            prefill_time_sec=prefill_time,
+            decode_time_sec=decode_time,
+            runtime_sec=runtime,
+            peak_memory_mb=peak,
+            memory_kind=memory.kind,
+            kv_cache_bytes=0 if cache is None else cache.kv_cache_bytes,
+            extra=dict(extra),
+            batch_size=batch,
+        )
+        for b in range(batch)
+    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -281,38 +315,55 @@ def _progress(total: int, desc: str, enabled: bool):
 # the cell JSON
 
 
+DIAGNOSTIC_NOTE = (
+    "per-step wall time of this eval job (a batch of batch_size samples; other jobs may share the cores): "
+    "a diagnostic only; the speed figures come from `kvstream speed` (docs/method.md, Speed)"
+)
+
+
 def summarize(result: CellResult, policy: Policy, warmup: int) -> dict:
-    """The metrics of method.md, original key names kept."""
+    """The metrics of docs/method.md, original key names kept.
+
+    Speed is not a property of a quality cell: `metrics.tpot_ms` and `metrics.speedup` stay null here
+    and the aggregate fills them from the experiment's speed run. The eval job's own step times are
+    kept under `timing` as a diagnostic. NaN targets (recompute scored on every k-th target) are left out.
+    """
     nll = result.nll.astype(np.float64)
+    scored = np.isfinite(nll)
     decode = nll[result.prefill_len :]
+    decode_scored = np.isfinite(decode)
     timed = np.asarray(result.step_ms[warmup:] if len(result.step_ms) > warmup else result.step_ms, dtype=np.float64)
-    tpot = float(np.median(timed)) if len(timed) else None
     d = policy.as_dict()
     d["prefill_len"] = result.prefill_len
+    if result.extra.get("recompute_every"):
+        d["recompute_every"] = result.extra["recompute_every"]
     return {
         "policy": d,
         "metrics": {
             "speedup": None,
-            "tpot_ms": tpot,
+            "tpot_ms": None,
             "ppl_increase_percent": None,
             "peak_memory_mb": result.peak_memory_mb,
         },
         "streaming": {
-            "perplexity": float(np.exp(nll.mean())),
-            "decode_perplexity": float(np.exp(decode.mean())) if len(decode) else None,
+            "perplexity": float(np.exp(nll[scored].mean())),
+            "decode_perplexity": float(np.exp(decode[decode_scored].mean())) if decode_scored.any() else None,
             "runtime_sec": result.runtime_sec,
             "prefill_time_sec": result.prefill_time_sec,
             "decode_time_sec": result.decode_time_sec,
             "decode_tokens": len(result.step_ms),
-            "n_targets": int(len(nll)),
-            "nll_sum": float(nll.sum()),
-            "n_decode_targets": int(len(decode)),
-            "decode_nll_sum": float(decode.sum()),
+            "n_targets": int(scored.sum()),
+            "nll_sum": float(nll[scored].sum()),
+            "n_decode_targets": int(decode_scored.sum()),
+            "decode_nll_sum": float(decode[decode_scored].sum()),
+            "n_targets_total": int(len(nll)),
         },
         "timing": {
-            "tpot_ms_median": tpot,
-            "tpot_ms_mean": float(timed.mean()) if len(timed) else None,
-            "tpot_ms_p90": float(np.percentile(timed, 90)) if len(timed) else None,
+            "diagnostic_note": DIAGNOSTIC_NOTE,
+            "batch_size": result.batch_size,
+            "diagnostic_step_ms_median": float(np.median(timed)) if len(timed) else None,
+            "diagnostic_step_ms_mean": float(timed.mean()) if len(timed) else None,
+            "diagnostic_step_ms_p90": float(np.percentile(timed, 90)) if len(timed) else None,
             "warmup_steps": min(warmup, len(result.step_ms)),
             "timed_steps": int(len(timed)),
             "step_ms": [round(x, 4) for x in result.step_ms],
@@ -321,6 +372,7 @@ def summarize(result: CellResult, policy: Policy, warmup: int) -> dict:
             "peak_memory_mb": result.peak_memory_mb,
             "kv_cache_bytes": result.kv_cache_bytes,
             "memory_kind": result.memory_kind,
+            "batch_size": result.batch_size,
         },
         "trace": {"cache_len": result.cache_len},
         "cache": result.extra,
@@ -340,14 +392,18 @@ def _git_state() -> tuple[str | None, bool | None]:
         return None, None
 
 
-def provenance(args: argparse.Namespace, policy: Policy, device: torch.device, dtype: torch.dtype, n_tokens: int) -> dict:
+def provenance(args: argparse.Namespace, policy: Policy, device: torch.device, dtype: torch.dtype, n_tokens: int,
+               tokens_file: str | os.PathLike | None = None) -> dict:
     import transformers
 
     commit, dirty = _git_state()
+    tokens_file = args.tokens if tokens_file is None else tokens_file
     hashed = {
-        "model": str(args.model), "tokens_sha256": _sha256(args.tokens), "policy": policy.as_dict(),
+        "model": str(args.model), "tokens_sha256": _sha256(tokens_file), "policy": policy.as_dict(),
         "dtype": str(dtype), "max_tokens": args.max_tokens, "warmup": args.warmup, "seed": args.seed,
     }
+    if getattr(args, "recompute_every", 1) != 1:
+        hashed["recompute_every"] = args.recompute_every
     return {
         "git_commit": commit,
         "git_dirty": dirty,
@@ -362,7 +418,7 @@ def provenance(args: argparse.Namespace, policy: Policy, device: torch.device, d
         "config_hash": hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16],
         "seed": args.seed,
         "model": str(args.model),
-        "tokens_file": str(args.tokens),
+        "tokens_file": str(tokens_file),
         "n_tokens": n_tokens,
         "hostname": socket.gethostname(),
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -424,9 +480,10 @@ def _label(value: str) -> tuple[str, str]:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate one (policy, sample) cell: NLL, PPL, TPOT, memory, cache trace")
+    p = subparsers.add_parser("eval", help="evaluate (policy, sample) cells: NLL, PPL, memory, cache trace")
     p.add_argument("--model", required=True, help="model directory or Hugging Face Hub id")
-    p.add_argument("--tokens", required=True, help="1-D .npy of int token ids")
+    p.add_argument("--tokens", required=True, nargs="+",
+                   help="1-D .npy of int token ids; several equal-length samples are evaluated as one batch")
     p.add_argument("--policy", required=True, choices=POLICY_TYPES)
     p.add_argument("--n-sink", type=int, default=4, help="S: attention-sink tokens never evicted (sink)")
     p.add_argument("--window-size", type=int, default=None, help="W: most recent tokens kept (window, sink with fixed budget)")
@@ -436,6 +493,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budget-mode", choices=("fixed", "cap"), default="fixed")
     p.add_argument("--cap", type=int, default=None, help="recompute window / prefill length; the peak length in budget mode cap")
     p.add_argument("--positions", choices=("relative", "absolute"), default="relative")
+    p.add_argument("--recompute-every", type=int, default=1,
+                   help="recompute only: score every k-th decode target (the others are NaN in the .nll.npy)")
     p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     p.add_argument("--warmup", type=int, default=8, help="decode steps left out of the timing statistics")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -446,7 +505,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=_label, action="append", default=[], help="KEY=VALUE stored under 'cell' in the JSON")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on a terminal")
-    p.add_argument("--out", required=True, help="cell JSON path; the per-target NLL goes beside it as <cell>.nll.npy")
+    p.add_argument("--out", required=True, nargs="+",
+                   help="cell JSON path, one per --tokens file; the per-target NLL goes beside it as <cell>.nll.npy")
     p.set_defaults(func=main)
 
 
@@ -455,15 +515,29 @@ def main(args: argparse.Namespace) -> int:
     from kvstream.models import load_model, resolve_device, resolve_dtype
 
     # Everything that can be checked without the model is checked first.
-    if not str(args.out).endswith(".json"):
-        raise KVStreamError(f"--out {args.out}: must end in .json")
+    outs = [Path(o) for o in args.out]
+    if len(outs) != len(args.tokens):
+        raise KVStreamError(f"--out names {len(outs)} cell(s) but --tokens {len(args.tokens)}: give one --out per --tokens file")
+    if len(set(outs)) != len(outs):
+        raise KVStreamError("--out: the same path is given twice")
+    for out in outs:
+        if not str(out).endswith(".json"):
+            raise KVStreamError(f"--out {out}: must end in .json")
+    labels = dict(args.label)
+    if len(outs) > 1 and "sample" in labels:
+        raise KVStreamError("--label sample=...: with several cells the sample label is each --out file's name (s0.json -> s0)")
     if args.warmup < 0:
         raise KVStreamError(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise KVStreamError(f"--threads must be >= 1, got {args.threads}")
     policy = policy_from_args(args)
-    tokens = load_tokens(args.tokens, args.max_tokens)
-    check_cell_inputs(tokens, policy)
+    if args.recompute_every < 1 or (args.recompute_every > 1 and policy.type != "recompute"):
+        raise KVStreamError(f"--recompute-every {args.recompute_every}: must be >= 1, and > 1 only with --policy recompute")
+    samples = [load_tokens(t, args.max_tokens) for t in args.tokens]
+    if len({len(t) for t in samples}) != 1:
+        raise KVStreamError(
+            f"--tokens: a batch needs samples of equal length, got {', '.join(f'{t}: {len(x)}' for t, x in zip(args.tokens, samples))}")
+    check_cell_inputs(samples[0], policy)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
     if args.threads:
@@ -472,27 +546,32 @@ def main(args: argparse.Namespace) -> int:
 
     model, _ = load_model(args.model, device=device, dtype=dtype)
     vocab = model.get_input_embeddings().weight.shape[0]
-    if int(tokens.max()) >= vocab:
-        raise KVStreamError(
-            f"--tokens {args.tokens}: token id {int(tokens.max())} is out of the model's vocabulary ({vocab}): "
-            "were the tokens made with this model's tokenizer?"
-        )
+    for path, tokens in zip(args.tokens, samples):
+        if int(tokens.max()) >= vocab:
+            raise KVStreamError(
+                f"--tokens {path}: token id {int(tokens.max())} is out of the model's vocabulary ({vocab}): "
+                "were the tokens made with this model's tokenizer?"
+            )
     graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
-    result = run_cell(model, tokens, policy, warmup=args.warmup, progress=args.progress, cuda_graphs=graphs)
-    record = {"cell": dict(args.label)}
-    record.update(summarize(result, policy, args.warmup))
-    record["provenance"] = provenance(args, policy, device, dtype, len(tokens))
-
-    out = Path(args.out)
-    with atomic_path(nll_path(out)) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, result.nll)
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-    s = record["streaming"]
-    print(
-        f"{policy.type}: ppl {s['perplexity']:.4f} decode ppl {s['decode_perplexity']:.4f} "
-        f"tpot {record['metrics']['tpot_ms']:.2f} ms peak {result.peak_memory_mb:.0f} MB -> {out}",
-        file=sys.stderr,
-    )
+    results = run_cells(model, samples, policy, warmup=args.warmup, progress=args.progress, cuda_graphs=graphs,
+                        recompute_every=args.recompute_every)
+    for out, path, tokens, result in zip(outs, args.tokens, samples, results):
+        cell_labels = dict(labels)
+        if len(outs) > 1:
+            cell_labels["sample"] = out.name[: -len(".json")]
+        record = {"cell": cell_labels}
+        record.update(summarize(result, policy, args.warmup))
+        record["provenance"] = provenance(args, policy, device, dtype, len(tokens), tokens_file=path)
+        with atomic_path(nll_path(out)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, result.nll)
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+        s = record["streaming"]
+        print(
+            f"{policy.type}: ppl {s['perplexity']:.4f} decode ppl {s['decode_perplexity']:.4f} "
+            f"(job step {record['timing']['diagnostic_step_ms_median']:.2f} ms, batch {result.batch_size}) "
+            f"peak {result.peak_memory_mb:.0f} MB -> {out}",
+            file=sys.stderr,
+        )
     return 0

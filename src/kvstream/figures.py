@@ -213,9 +213,16 @@ def cache_trace(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(),
 
 
 def moving_average(x: np.ndarray, k: int) -> np.ndarray:
+    """Mean over each window of k targets, of the finite values only (a reference scored on every
+    k-th target has NaN elsewhere); NaN where a window holds none."""
+    x = np.asarray(x, dtype=float)
     k = max(1, min(int(k), x.size))
-    c = np.cumsum(np.insert(np.asarray(x, dtype=float), 0, 0.0))
-    return (c[k:] - c[:-k]) / k
+    ok = np.isfinite(x)
+    c = np.cumsum(np.insert(np.where(ok, x, 0.0), 0, 0.0))
+    m = np.cumsum(np.insert(ok.astype(float), 0, 0.0))
+    count = m[k:] - m[:-k]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (c[k:] - c[:-k]) / np.maximum(count, 1), np.nan)
 
 
 def nll_along(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), name: str = "nll_along",

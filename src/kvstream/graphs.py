@@ -34,7 +34,7 @@ class StaticDecoder:
         device = cache.key_buffer.device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         cache.enable_static()
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.ids = torch.zeros(cache.key_buffer.shape[1], 1, dtype=torch.long, device=device)  # [batch, 1]
         self.graph = None
         self.logits = None
 
@@ -42,12 +42,12 @@ class StaticDecoder:
         return self.model(
             self.ids, position_ids=self.cache.static_position, attention_mask=self.cache.static_mask,
             cache=self.cache, logits_to_keep=1,
-        ).logits[0, -1]
+        ).logits[:, -1]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed one token (a 0-d or 1-element device tensor); returns the logits (a reused buffer)."""
+        """Feed one token per row (a [batch] device tensor); returns the [batch, V] logits (a reused buffer)."""
         self.cache.begin_static_step()
-        self.ids.copy_(token.reshape(1, 1))
+        self.ids.copy_(token.reshape(-1, 1))
         if not self.use_graph:
             return self._forward()
         if self.graph is None:

@@ -15,6 +15,7 @@ from kvstream.errors import KVStreamError
 POLICY_TYPES = ("recompute", "dense", "window", "sink")
 BUDGET_MODES = ("fixed", "cap")
 POSITION_MODES = ("relative", "absolute")
+DERIVED_KEYS = ("budget", "max_forward_len")  # written beside the fields in policy blocks, never inputs
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,26 @@ class Policy:
         return d
 
     # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d) -> "Policy":
+        """A resolved Policy from a dict of its fields (a config entry, a cell's or a speed run's policy
+        block); the derived keys budget and max_forward_len may be present and must then agree."""
+        if not isinstance(d, dict):
+            raise KVStreamError(f"expected an object of policy fields, got {type(d).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in fields and key not in DERIVED_KEYS:
+                raise KVStreamError(f"unknown key {key!r}: use {', '.join(fields)} (or the derived {', '.join(DERIVED_KEYS)})")
+        if "type" not in d:
+            raise KVStreamError("key 'type' is required")
+        policy = cls(**{k: v for k, v in d.items() if k in fields}).resolved()
+        for key in DERIVED_KEYS:
+            # A policy without eviction has no budget; the workflow writes recompute's as its cap.
+            allowed = (getattr(policy, key),) + ((None, policy.cap) if not policy.evicts else ())
+            if key in d and d[key] not in allowed:
+                raise KVStreamError(f"{key}={d[key]!r} differs from the resolved policy's {key}={getattr(policy, key)!r}")
+        return policy
+
     def resolved(self) -> "Policy":
         """Validate every field and return the policy with derived values filled in.
 

@@ -17,6 +17,8 @@
 #   KVSTREAM                       the command that runs the kvstream CLI in a job
 
 import copy
+import functools
+import json
 import os
 import re
 import shlex
@@ -40,6 +42,8 @@ _bindir = str(Path(sys.executable).parent)  # not resolved: a venv's python is a
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _bindir:
     os.environ["PATH"] = _bindir + os.pathsep + os.environ.get("PATH", "")
 _src = str(REPO / "src")
+if _src not in sys.path:  # the DAG itself asks the torch-free kvstream.schedule (identical schedules)
+    sys.path.insert(0, _src)
 if _src not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [_src, os.environ.get("PYTHONPATH", "")] if p)
 KVSTREAM = "python -m kvstream"
@@ -247,6 +251,40 @@ def used_cells():
         for c in experiment_cells(e):
             seen.setdefault(c, None)
     return list(seen)
+
+
+def dataset_policies(dataset):
+    """Policies some experiment runs on a dataset, config order."""
+    seen = {}
+    for e in EXPERIMENTS:
+        if experiment_dataset(e) == dataset:
+            for p in experiment_policies(e):
+                seen.setdefault(p, None)
+    return list(seen)
+
+
+@functools.lru_cache(maxsize=None)
+def _schedule_key(dataset, policy):
+    """What decides a policy's cells on a dataset: kind, S, budget, positions and the cache-length trace."""
+    from kvstream.schedule import Policy, cache_lengths
+
+    p = policy_params(policy)
+    fields = ("type", "n_sink", "window_size", "compress_every", "cache_slack", "max_drop", "budget_mode", "cap", "positions")
+    pol = Policy(**{k: p[k] for k in fields if k in p})
+    n = int(config["datasets"][dataset]["tokens_per_sample"])
+    return (p["type"], p.get("n_sink"), p.get("budget"), p.get("cap"), p.get("positions"), tuple(cache_lengths(pol, n)))
+
+
+@functools.lru_cache(maxsize=None)
+def reused_from(dataset, policy):
+    """The earlier policy (config order) whose cells this one reuses, or None when it is evaluated itself."""
+    key = _schedule_key(dataset, policy)
+    for other in dataset_policies(dataset):
+        if other == policy:
+            return None
+        if _schedule_key(dataset, other) == key:
+            return other
+    return None
 
 
 def model_dir(model=None):

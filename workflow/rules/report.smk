@@ -83,6 +83,7 @@ rule aggregate:
     input:
         cells=lambda w: experiment_cells(w.experiment),
         nll=lambda w: _nll(experiment_cells(w.experiment)),
+        speed=lambda w: speed_path(experiment_dataset(w.experiment)),
     output:
         csv="results/aggregate/{experiment}.csv",
         json="results/aggregate/{experiment}.json",

@@ -18,6 +18,7 @@ with logged(snakemake):  # noqa: F821
         n_boot=int(sm.params.n_boot),
         seed=int(sm.params.seed),
         dataset=sm.params.dataset,
+        speed=sm.input.speed,
     )
     report.write_aggregate(agg, sm.output.json, sm.output.csv)
     print(f"{sm.wildcards.experiment}: {len(agg['policies'])} policies, {agg['n_samples']} samples -> {sm.output.json}")
