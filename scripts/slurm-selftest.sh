@@ -313,9 +313,15 @@ if [ "$MODE" = full ]; then
     [ -f "$REPO/Snakefile" ] || [ -f "$REPO/workflow/Snakefile" ] || die "no Snakefile in $REPO yet"
     [ -f "$REPO/$CONFIGFILE" ] || die "config file $CONFIGFILE not found in $REPO"
     SM_COMMON+=(--configfile "$CONFIGFILE")
-    # the reference needs only the cells (and what they depend on)
-    LOCAL_ARGS+=(--until eval)
-    if [ -n "$UNTIL" ]; then SLURM_EXTRA+=(--until "$UNTIL"); fi
+    # the reference needs only the cells (and what they depend on). Cells come from one rule per
+    # dataset batch (eval_<dataset>_b<k>) and, for identical schedules, reuse_<dataset>_b<k>: "eval"
+    # stands for all of them.
+    read -r -a CELL_RULES <<<"$(cd "$REPO" && "$REPO/.venv/bin/snakemake" --configfile "$CONFIGFILE" --list-rules 2>/dev/null \
+        | grep -E '^(eval|reuse)_' | tr '\n' ' ')"
+    [ ${#CELL_RULES[@]} -gt 0 ] || die "no eval_* rules listed by snakemake --list-rules"
+    LOCAL_ARGS+=(--until "${CELL_RULES[@]}")
+    if [ "$UNTIL" = eval ]; then SLURM_EXTRA+=(--until "${CELL_RULES[@]}");
+    elif [ -n "$UNTIL" ]; then SLURM_EXTRA+=(--until "$UNTIL"); fi
 fi
 read -r -a _extra <<<"${KVSTREAM_SLURM_ARGS:-}"
 SLURM_EXTRA+=("${_extra[@]}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvstream import figures, report
-from test_report import make_experiment
+from test_report import make_experiment, speed_of
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "paper"
@@ -38,7 +38,7 @@ def generate(root: Path, experiments: dict[str, list[str]]) -> Path:
     aggs = {}
     for name, pols in experiments.items():
         agg = report.aggregate([c for c in cells if c.parent.name in pols], experiment=name, policies=pols,
-                               n_boot=500)
+                               n_boot=500, speed=speed_of(root))
         report.write_aggregate(agg, root / "results" / "aggregate" / f"{name}.json")
         aggs[name] = report.read_aggregate(root / "results" / "aggregate" / f"{name}.json")
     paper = root / "paper"

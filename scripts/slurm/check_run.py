@@ -91,6 +91,7 @@ def main() -> None:
     by_rule: dict[str, list[dict[str, str]]] = {}
     for j in jobs:
         rule, wc = rule_of(j.get("Comment", ""))
+        rule = re.sub(r"^(eval|reuse)_\w+$", r"\1", rule)  # one rule per dataset batch: count them together
         by_rule.setdefault(rule, []).append(j)
         wall = elapsed_s(j.get("RunTime", "0:0:0"))
         gres = gres_of(j) or "-"

@@ -708,20 +708,27 @@ def sweep_knob(experiment: str, agg: Mapping) -> str | None:
     return varying[0] if varying else None
 
 
+def ordinal(k: int) -> str:
+    """2 -> 2nd, 16 -> 16th, 21 -> 21st."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
 def _caption_common(agg: Mapping) -> str:
     n = agg["n_samples"]
     ref = agg.get("reference") or "none"
     every = agg.get("recompute_every") or 1
     paired = (rf"PPL increase pairs each target with \texttt{{{tex_escape(ref)}}}'s on the same samples"
-              + (rf", on the every-{every}th decode target that the reference scores" if every > 1 else "") + ".")
+              + (rf", on every {ordinal(every)} decode target (the ones the reference scores)" if every > 1 else "") + ".")
     ci = (rf"Brackets for PPL: {int(agg['ci_level'] * 100)}\,\% percentile-bootstrap interval over the {n} samples "
           rf"({agg['n_boot']} resamples" + (", paired targets resampled within each" if every > 1 else "") + ")."
           if agg.get("n_boot") else rf"{n} sample: no PPL interval can be estimated.")
     sp = agg.get("speed") or {}
     if sp:
         speed = (rf"TPOT: mean ms per token over whole eviction periods in one interleaved speed run "
-                 rf"({tex_escape(sp.get('execution'))}, batch 1, {sp.get('rounds')} rounds, {sp.get('threads')} thread(s)); "
-                 rf"its brackets span the rounds.")
+                 rf"({tex_escape(sp.get('execution'))}, batch 1, {sp.get('rounds')} rounds, {sp.get('threads')} "
+                 + ("thread" if sp.get("threads") == 1 else "threads") + "); "
+                 rf"TPOT and speedup brackets: 95\,\% $t$-intervals across the rounds.")
     else:
         speed = "No speed run: no TPOT."
     samples = "1 sample" if n == 1 else f"{n} samples"
@@ -1126,9 +1133,25 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
         m.add("MemoryKind", tex_escape(_memory_kind_words(main)))
         ref = main["policies"].get(main.get("reference") or "recompute", {})
         m.add("DecodeTokens", fmt(ref.get("decode_tokens"), 0))
+        others = [r for r in main["policies"].values() if not r.get("is_reference")]
+        n = max(int(main["n_samples"]), 1)
+        m.add("DecodeTargetsPerSample", fmt(others[0]["n_decode_targets"] / n, 0) if others else "--")
+        m.add("PairedTargetsPerSample", fmt(others[0].get("paired_targets", _nan()) / n, 0) if others else "--")
+        k = int(main.get("recompute_every") or 1)
+        m.add("RecomputeEvery", str(k))
+        m.add("RecomputeScored", "every decode target" if k == 1 else f"every {ordinal(k)} decode target")
+        sp = main.get("speed") or {}
+        m.add("SpeedRounds", tex_escape(sp.get("rounds", "--")))
+        t = sp.get("threads")
+        m.add("SpeedThreads", "--" if t is None else f"{t} thread" + ("" if t == 1 else "s"))
+        m.add("SpeedExecution", tex_escape(sp.get("execution", "--")))
+        m.add("SpeedDevice", tex_escape(sp.get("device_name", "--")))
     else:
-        for name in ("DatasetName", "DatasetSource", "NSamples", "TokensPerSample", "MemoryKind", "DecodeTokens"):
+        for name in ("DatasetName", "DatasetSource", "NSamples", "TokensPerSample", "MemoryKind", "DecodeTokens",
+                     "DecodeTargetsPerSample", "PairedTargetsPerSample", "RecomputeEvery", "RecomputeScored", "SpeedRounds",
+                     "SpeedThreads", "SpeedExecution", "SpeedDevice"):
             m.add(name, "--")
+    m.add("BatchSize", fmt(ev.get("batch_size", 1), 0))
     m.add("OrigSetup", ORIGINAL_SETUP)
     for k, v in ORIGINAL_FACTS.items():
         m.add(k, v)
@@ -1265,8 +1288,9 @@ def _identical(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
             m.noise_factor = worst[0]
             m.add("TimingNoiseFactor", fmt(worst[0], 2))
             m.add("TimingNoiseSentence",
-                  rf"Since each such group runs exactly the same computation, the spread of its TPOT is timing noise "
-                  rf"of this machine: up to a factor of {fmt(worst[0], 2)} ({fmt(worst[1], 1)} to {fmt(worst[2], 1)}\,ms). "
+                  rf"Since each such group runs exactly the same computation, the spread of its TPOT in the speed run "
+                  rf"(timed separately, interleaved with every other policy) is timing noise of this machine: up to a "
+                  rf"factor of {fmt(worst[0], 3)} ({fmt(worst[1], 2)} to {fmt(worst[2], 2)}\,ms). "
                   r"Latency differences between policies smaller than that are not resolved by this run.")
     else:
         m.add("IdenticalAllSentence", r"No two policies produced identical results.")
@@ -1337,7 +1361,7 @@ def _speed_ratio(slow: Mapping, fast: Mapping) -> dict:
     from kvstream.stats import ratio_ci
 
     a, b = slow.get("speed_round_ms"), fast.get("speed_round_ms")
-    if not a or not b or len(a) != len(b):
+    if not isinstance(a, list) or not isinstance(b, list) or not a or len(a) != len(b):
         return {"value": _nan(), "lo": _nan(), "hi": _nan()}
     r = ratio_ci(a, b)
     return {"value": r["estimate"], "lo": r["ci95"][0], "hi": r["ci95"][1]}
