@@ -313,12 +313,17 @@ def load_speed(path: str | os.PathLike) -> dict:
     return data
 
 
-def _speed_columns(row: dict, pol: str, reference: str, speed: Mapping | None) -> None:
-    """TPOT (mean ms per token), its spread and the speedup against the reference, from the speed run."""
+def _speed_columns(row: dict, pol: str, reference: str, speed: Mapping | None, source: str | None = None) -> None:
+    """TPOT (mean ms per token), its spread and the speedup against the reference, from the speed run.
+    source: the policy whose cells this one reuses (identical schedule); its timing stands in when this
+    policy was not timed itself."""
     from kvstream.stats import log_mean_ci, ratio_ci
 
-    entry = (speed or {}).get("policies", {}).get(pol)
-    ref = (speed or {}).get("policies", {}).get(reference)
+    timed = (speed or {}).get("policies", {})
+    entry, ref = timed.get(pol), timed.get(reference)
+    if entry is None and source in timed:  # an identical schedule: the same computation, timed once
+        entry = timed[source]
+        row["speed_from"] = source
     for name in ("tpot_ms", "speedup"):
         row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _nan(), _nan(), _nan()
     row["tpot_ms_median"] = row["tpot_ms_p10"] = row["tpot_ms_p90"] = _nan()
@@ -482,7 +487,7 @@ def aggregate(
                 row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _nan(), _nan(), _nan()
         if paired is not None:
             row["paired_targets"] = paired.n_pairs(cells)
-        _speed_columns(row, pol, reference, speed)
+        _speed_columns(row, pol, reference, speed, (first.get("reused_from") or {}).get("policy"))
 
         row["peak_memory_mb"] = float(x["peak_memory_mb"].max())
         row["peak_memory_mb_mean"] = float(x["peak_memory_mb"].mean())
@@ -1250,7 +1255,7 @@ def identical_groups(rows: Iterable[Mapping]) -> list[list[dict]]:
 
 def _group_text(g: Sequence[Mapping]) -> str:
     names = ", ".join(rf"\texttt{{{tex_escape(r['policy'])}}}" for r in g)
-    t = [r.get("tpot_ms") for r in g if _finite(r.get("tpot_ms"))]
+    t = [r.get("tpot_ms") for r in g if _finite(r.get("tpot_ms")) and not r.get("speed_from")]
     txt = rf"{{{names}}}"
     if t:
         txt += rf" (TPOT {fmt(min(t), 1)}--{fmt(max(t), 1)}\,ms)"
@@ -1279,8 +1284,8 @@ def _identical(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
               r"trace) and produced bit-identical per-token NLL on every sample, although their knobs differ: "
               + "; ".join(_group_text(g) for g in groups) + ".")
         ratios = []
-        for g in groups:
-            t = [r.get("tpot_ms") for r in g if _finite(r.get("tpot_ms"))]
+        for g in groups:  # only policies timed themselves (not those that took an identical one's timing)
+            t = [r.get("tpot_ms") for r in g if _finite(r.get("tpot_ms")) and not r.get("speed_from")]
             if len(t) > 1 and min(t) > 0:
                 ratios.append((max(t) / min(t), min(t), max(t)))
         if ratios:
