@@ -1229,7 +1229,7 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
 CLAIM_MACROS = (
     "BestVsMitPplWord", "BestVsMitPplDiff", "BestVsMitPplSupport", "BestVsMitSpeedRatio", "BestVsMitSpeedWord",
     "SoftliteVsMitPplWord", "SoftliteVsMitPplDiff", "WindowVsMitPplWord", "WindowVsMitPplDiff", "EagerSlack",
-    "EagerSlackSentence", "DeltaAtSigmaZeroSentence", "InteractionValue", "InteractionCI", "InteractionSentence",
+    "EagerSlackSentence", "EagerResultClause", "DeltaAtSigmaZeroSentence", "InteractionValue", "InteractionCI", "InteractionSentence",
     "SlackEffect", "DeltaEffectAtSigmaZero", "AblCombinedInc", "AblBaseInc", "SweepRLow", "SweepRHigh",
     "SweepRSpeedLow", "SweepRSpeedHigh", "SweepRIncLow", "SweepRIncHigh", "SweepRMaxLenHigh", "SweepRSpeedWord",
     "SinkIncMin", "SinkIncMax", "PeakMatchedSentence", "BestVsMitContextSentence",
@@ -1411,8 +1411,16 @@ def _claims(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
         c = contrast(t1, {"window": 1, "mit_streaming": -1})
         m.add("WindowVsMitPplWord", _cmp_word(c["value"], "higher", "lower"))
         m.add("WindowVsMitPplDiff", _sentence_ci(c))
+    if t1 and "ours_eager" not in t1["policies"]:
+        m.add("EagerResultClause", "")
+        m.add("EagerSlackSentence",
+              r"By the schedule alone: with $R=1$ an event happens at an overflow of one token and removes "
+              r"$\max(\min(1,\delta),1-\sigma)=1$ token for any $\delta\ge1$, so the cache never exceeds $C+1$ "
+              r"and the slack is never used. (The Eager preset is not in this run's configuration.)")
     if t1 and "ours_eager" in t1["policies"]:
         r = t1["policies"]["ours_eager"]
+        m.add("EagerResultClause", rf", and Ours (Eager) {fmt(r.get('speedup'))}$\times$ at "
+                                   rf"{fmt(r.get('ppl_increase_percent'), 2, True)}\,\%")
         budget, tmax = r.get("budget"), r.get("trace_max")
         m.add("EagerSlack", fmt_knob(r.get("cache_slack")))
         if _finite(budget) and _finite(tmax):

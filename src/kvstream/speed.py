@@ -1,8 +1,8 @@
 """`kvstream speed`: each policy's amortised cost per decode token, measured apart from quality.
 
 One process, batch 1. Every entry (a dense floor, then the given policies) keeps its own decode
-state across rounds, and rounds are interleaved (round 1: floor, A, B, ...; round 2: ...) so slow
-machine drift hits every entry alike. A policy's timed window is a whole number of its steady-state
+state across rounds, and rounds are interleaved (round 1: floor, A, B, ...; round 2 in reverse order,
+...) so slow machine drift hits every entry alike. A policy's timed window is a whole number of its steady-state
 schedule periods with every step timed (eviction steps included), so the window's mean step time is
 exactly the amortised cost per token. Ratios carry a 95% interval across rounds.
 """
@@ -219,8 +219,10 @@ def run_speed(model, entries: list[Entry], ids: torch.Tensor, rounds: int, graph
     with torch.inference_mode(), decode_context(device, static=graph):
         for entry in entries:
             entry.start(model, ids, graph)
-        for _ in range(rounds):
-            for entry in entries:
+        for r in range(rounds):
+            # Every other round in reverse order (A B C, C B A, ...): a linear drift of the machine's
+            # speed then falls alike on every entry (fully so over an even number of rounds).
+            for entry in entries if r % 2 == 0 else entries[::-1]:
                 clock = StepTimer(device)
                 entry.run(model, entry.window, clock)
                 ms = clock.milliseconds()

@@ -14,8 +14,10 @@ with logged(snakemake):  # noqa: F821
     sm = snakemake  # noqa: F821
     results = [r for path in sm.input for r in load_results(path)]
     caption = (
-        "Time per decode step (forward plus cache maintenance; median and p10--p90 over all timed steps; "
-        r"ratio to a dense cache held at exactly $C$ tokens, timed in the same run). Rows marked graph run "
+        "Time per decode step (forward plus cache maintenance; each block says its statistic: the mean over "
+        "whole eviction periods of the row, every step timed, or for runs made before that rule the median; "
+        r"p10--p90 over all timed steps; ratio to a dense cache held at exactly $C$ tokens, timed in the same "
+        "run). Rows marked graph run "
         "fixed shapes replayed from a CUDA graph. Made by \\texttt{kvstream bench} (rule \\texttt{bench}) and, "
         "for the GPU, \\texttt{benchmarks/gpu\\_check.py}; random weights, model shapes as named."
     )
