@@ -20,7 +20,7 @@ if BENCH.get("enabled", False):
             ),
         log:
             log_path("bench", "bench"),
-        threads: workflow.cores  # alone on the machine: a timing run shares no core with other jobs
+        threads: all_cores()  # alone on the machine: a timing run shares no core with other jobs
         resources:
             **rule_resources("bench"),
             **({"gpu": 1} if USE_CUDA else {}),

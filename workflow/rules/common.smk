@@ -332,5 +332,14 @@ def rule_resources(group):
     return res
 
 
+def all_cores():
+    """The run's --cores (a timing job asks for all of them so that it runs alone); 1 when the run has
+    none (--report, a dry run without --cores)."""
+    try:
+        return int(workflow.cores)
+    except Exception:  # Snakemake raises when --cores was not given
+        return 1
+
+
 def log_path(*parts):
     return "results/logs/" + "/".join(parts) + ".log"

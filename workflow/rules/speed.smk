@@ -58,7 +58,7 @@ rule speed:
         args=speed_args(),
     log:
         "results/logs/speed/{model}/{dataset}.log",
-    threads: max(workflow.cores, int(SPEED.get("threads", config["eval"].get("threads", 1))))  # alone on the machine
+    threads: max(all_cores(), int(SPEED.get("threads", config["eval"].get("threads", 1))))  # alone on the machine
     resources:
         **rule_resources("speed"),
         **({"gpu": 1} if USE_CUDA else {}),
