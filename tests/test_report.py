@@ -379,8 +379,12 @@ def test_paired_subsample_of_a_sparse_reference(tmp_path):
     assert mit["paired_targets"] == 4 * len(range(0, n - prefill, k))
     assert mit["ppl_increase_percent_lo"] < mit["ppl_increase_percent"] < mit["ppl_increase_percent_hi"]
     assert agg["recompute_every"] == k and "every 4-th" in agg["pairing_note"]
-    # the reference's own PPL is over the targets it scored
+    # the reference's own PPL is over the targets it scored, and every row's PPL is shown on those (paired)
+    # targets, each policy's all-target PPL kept beside it
     assert agg["policies"]["recompute"]["n_targets"] == sum(int(np.isfinite(r).sum()) for r in ref_all)
+    on_pairs = np.concatenate([p[np.isfinite(r)] for p, r in zip(pol_all, ref_all)])
+    assert mit["ppl"] == pytest.approx(math.exp(on_pairs.mean()), rel=1e-6)
+    assert mit["ppl_all_scored"] == pytest.approx(math.exp(np.concatenate(pol_all).mean()), rel=1e-6)
 
 
 def test_reused_cells_keep_their_own_policy_block(tmp_path):

@@ -385,6 +385,18 @@ class _Paired:
             out.append((x - ref)[mask])
         return out
 
+    def sums(self, cells: Mapping[str, dict], decode: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Per sample: the sum of this policy's NLL over the paired targets, and their count."""
+        out_sum, out_n = [], []
+        for s, ref, prefill in zip(self.samples, self.ref, self.prefill):
+            x = load_nll(cells[s]["_path"])
+            mask = np.isfinite(ref) & np.isfinite(x)
+            if decode:
+                mask[:prefill] = False
+            out_sum.append(float(x[mask].sum()))
+            out_n.append(int(mask.sum()))
+        return np.array(out_sum), np.array(out_n, dtype=float)
+
     def n_pairs(self, cells: Mapping[str, dict]) -> int:
         return int(sum(d.size for d in self._diffs(cells, decode=True)))
 
@@ -470,6 +482,14 @@ def aggregate(
         ppl_b = pooled_ppl(x["nll_sum"], x["n_targets"], idx) if b else None
         dppl = pooled_ppl(x["decode_nll_sum"], x["n_decode_targets"])
         dppl_b = pooled_ppl(x["decode_nll_sum"], x["n_decode_targets"], idx) if b else None
+        if paired is not None and paired.subsampled:
+            # The reference scored a subsample: every row's PPL is shown on the paired targets (the same
+            # targets in every row, as the increase), each policy's own all-target PPL kept beside it.
+            row["ppl_all_scored"], row["decode_ppl_all_scored"] = ppl, dppl
+            ps, pn = paired.sums(cells, decode=False)
+            ds, dn = paired.sums(cells, decode=True)
+            ppl, ppl_b = pooled_ppl(ps, pn), (pooled_ppl(ps, pn, idx) if b else None)
+            dppl, dppl_b = pooled_ppl(ds, dn), (pooled_ppl(ds, dn, idx) if b else None)
         _with_ci(row, "ppl", ppl, ppl_b)
         _with_ci(row, "decode_ppl", dppl, dppl_b)
 
@@ -551,7 +571,7 @@ def aggregate(
 CSV_COLUMNS = (
     "policy", "label", "type", "n_sink", "window_size", "compress_every", "cache_slack", "max_drop",
     "budget_mode", "budget", "max_forward_len", "positions", "n_samples",
-    "ppl", "ppl_lo", "ppl_hi", "decode_ppl", "decode_ppl_lo", "decode_ppl_hi",
+    "ppl", "ppl_lo", "ppl_hi", "decode_ppl", "decode_ppl_lo", "decode_ppl_hi", "ppl_all_scored", "decode_ppl_all_scored",
     "ppl_increase_percent", "ppl_increase_percent_lo", "ppl_increase_percent_hi",
     "decode_ppl_increase_percent", "decode_ppl_increase_percent_lo", "decode_ppl_increase_percent_hi",
     "speedup", "speedup_lo", "speedup_hi", "tpot_ms", "tpot_ms_lo", "tpot_ms_hi", "tpot_ms_median",
@@ -737,8 +757,10 @@ def _caption_common(agg: Mapping) -> str:
     else:
         speed = "No speed run: no TPOT."
     samples = "1 sample" if n == 1 else f"{n} samples"
-    return (rf"{tex_escape(agg.get('model'))} on {tex_escape(agg.get('dataset'))}, {samples}, pooled PPL over all "
-            rf"targets. {paired} {ci} {speed}")
+    where = ("over the paired targets (all prefill targets and the reference's decode targets)" if every > 1
+             else "over all targets")
+    return (rf"{tex_escape(agg.get('model'))} on {tex_escape(agg.get('dataset'))}, {samples}, pooled PPL {where}. "
+            rf"{paired} {ci} {speed}")
 
 
 def _sorted_rows(agg: Mapping, key: str | None = None) -> list[dict]:
