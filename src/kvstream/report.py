@@ -507,7 +507,8 @@ def aggregate(
                 row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _nan(), _nan(), _nan()
         if paired is not None:
             row["paired_targets"] = paired.n_pairs(cells)
-        _speed_columns(row, pol, reference, speed, (first.get("reused_from") or {}).get("policy"))
+        row["reused_from"] = (first.get("reused_from") or {}).get("policy")
+        _speed_columns(row, pol, reference, speed, row["reused_from"])
 
         row["peak_memory_mb"] = float(x["peak_memory_mb"].max())
         row["peak_memory_mb_mean"] = float(x["peak_memory_mb"].mean())
@@ -1279,7 +1280,11 @@ def _group_text(g: Sequence[Mapping]) -> str:
     names = ", ".join(rf"\texttt{{{tex_escape(r['policy'])}}}" for r in g)
     t = [r.get("tpot_ms") for r in g if _finite(r.get("tpot_ms")) and not r.get("speed_from")]
     txt = rf"{{{names}}}"
-    if t:
+    shared = len(g) - len(t)
+    if t and shared:  # evaluated once: the others took the timing of the policy whose cells they reuse
+        txt += (rf" (TPOT of the {len(t)} timed separately: {fmt(min(t), 1)}--{fmt(max(t), 1)}\,ms; "
+                rf"the other {shared} reuse their cells and timing)")
+    elif t:
         txt += rf" (TPOT {fmt(min(t), 1)}--{fmt(max(t), 1)}\,ms)"
     return txt
 
@@ -1290,8 +1295,10 @@ def _identical(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
     for exp, agg in aggs.items():
         groups = identical_groups(agg["policies"].values())
         if groups:
+            shared = any(r.get("reused_from") for g in groups for r in g)
             m.add("IdenticalSentence" + macro_stem(exp),
-                  r"Cells that evicted identically and produced bit-identical per-token NLL on every sample: "
+                  (r"Policies with the same eviction schedule, evaluated once (shared cells): " if shared else
+                   r"Cells that evicted identically and produced bit-identical per-token NLL on every sample: ")
                   + "; ".join(_group_text(g) for g in groups) + ".")
         else:
             m.add("IdenticalSentence" + macro_stem(exp), "")
@@ -1301,9 +1308,14 @@ def _identical(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
             seen.setdefault(pol, r)
     groups = identical_groups(seen.values())
     if groups:
+        reused = any(r.get("reused_from") for g in groups for r in g)
         m.add("IdenticalAllSentence",
-              r"Across all experiments, these groups of policies evicted identically (same measured cache-length "
-              r"trace) and produced bit-identical per-token NLL on every sample, although their knobs differ: "
+              (r"Across all experiments, these groups of policies have the same eviction schedule (the same "
+               r"cache-length trace) although their knobs differ, so they evict the same tokens at the same steps; "
+               r"each group was evaluated once and its cells are shared: "
+               if reused else
+               r"Across all experiments, these groups of policies evicted identically (same measured cache-length "
+               r"trace) and produced bit-identical per-token NLL on every sample, although their knobs differ: ")
               + "; ".join(_group_text(g) for g in groups) + ".")
         ratios = []
         for g in groups:  # only policies timed themselves (not those that took an identical one's timing)
@@ -1315,8 +1327,8 @@ def _identical(m: _Macros, aggs: Mapping[str, Mapping]) -> None:
             m.noise_factor = worst[0]
             m.add("TimingNoiseFactor", fmt(worst[0], 2))
             m.add("TimingNoiseSentence",
-                  rf"Since each such group runs exactly the same computation, the spread of its TPOT in the speed run "
-                  rf"(timed separately, interleaved with every other policy) is timing noise of this machine: up to a "
+                  rf"Since each such group runs exactly the same computation, the spread of the TPOTs of its members "
+                  rf"timed separately in the speed run (interleaved with every other policy) is timing noise of this machine: up to a "
                   rf"factor of {fmt(worst[0], 3)} ({fmt(worst[1], 2)} to {fmt(worst[2], 2)}\,ms). "
                   r"Latency differences between policies smaller than that are not resolved by this run.")
     else:
