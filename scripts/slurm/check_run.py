@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import sys
@@ -152,8 +153,18 @@ def main() -> None:
             + ", only SLURM "
             + str(sorted(set(slurm) - set(local))[:5])
         )
-    if len(eval_jobs) != len(slurm):
-        fail(f"{len(slurm)} cells but {len(eval_jobs)} eval SLURM jobs")
+    # One eval job writes the cells of one policy for a batch of samples (eval_<dataset>_b<k>); cells of a
+    # policy with an identical schedule are copies (reused_from). Every evaluated policy must have run
+    # as SLURM eval jobs.
+    evaluated = set()
+    for key, path in slurm.items():
+        cell = json.loads(path.with_name(path.name[: -len(".nll.npy")] + ".json").read_text())
+        if not cell.get("reused_from"):
+            evaluated.add(key.split("/")[2])
+    model = next(iter(slurm)).split("/")[0]  # eval wildcards: <model>_<policy>
+    ran = {rule_of(j.get("Comment", ""))[1][len(model) + 1 :] for j in eval_jobs}
+    if evaluated != ran:
+        fail(f"policies evaluated {sorted(evaluated)} but SLURM eval jobs ran {sorted(ran)}")
     differ = []
     for key in sorted(local):
         a, b = local[key].read_bytes(), slurm[key].read_bytes()
@@ -163,7 +174,7 @@ def main() -> None:
         fail(f"{len(differ)} of {len(local)} NLL arrays differ between local and SLURM runs: {differ[:5]}")
     digest = hashlib.sha256(b"".join(local[k].read_bytes() for k in sorted(local))).hexdigest()[:16]
     print(
-        f"OK: {len(local)} eval cells ran as {len(eval_jobs)} SLURM jobs; all NLL arrays are "
+        f"OK: {len(local)} eval cells ({len(evaluated)} policies evaluated) ran as {len(eval_jobs)} SLURM jobs; all NLL arrays are "
         f"bit-identical to the local run (sha256 of all: {digest})"
     )
 
