@@ -28,6 +28,20 @@ def decode_context(device: torch.device, static: bool = False):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def capture(forward):
+    """Warm `forward()` up on a side stream, then capture it in a CUDA graph: (graph, its output buffer)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+    return graph, out
+
+
 class StaticDecoder:
     def __init__(self, model, cache, use_graph: bool | None = None):
         self.model, self.cache = model, cache
@@ -51,16 +65,8 @@ class StaticDecoder:
         if not self.use_graph:
             return self._forward()
         if self.graph is None:
-            # Warm-up on a side stream, then capture. Repeating this step's forward is harmless: it
-            # writes the same key/value at the same slot.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._forward()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._forward()
+            # Repeating this step's forward while capturing is harmless: it writes the same key/value
+            # at the same slot.
+            self.graph, self.logits = capture(self._forward)
         self.graph.replay()
         return self.logits

@@ -104,15 +104,9 @@ class GraphRecompute:
     def __init__(self, model, cap: int, device: torch.device):
         self.model, self.ids = model, torch.zeros(1, cap, dtype=torch.long, device=device)
         self.positions = torch.arange(cap, device=device)[None]
-        stream = torch.cuda.Stream()  # warm-up on a side stream, then capture (as graphs.StaticDecoder)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._forward()
+        from kvstream.graphs import capture
+
+        self.graph, _ = capture(self._forward)
 
     def _forward(self):
         return self.model(self.ids, position_ids=self.positions, use_cache=False, logits_to_keep=1).logits
