@@ -17,6 +17,7 @@ from pathlib import Path
 from kvstream.errors import KVStreamError
 from kvstream.schedule import Policy
 
+
 def nll_path(cell_json: str | os.PathLike) -> Path:
     """`<cell>.nll.npy` beside `<cell>.json`."""
     p = str(cell_json)

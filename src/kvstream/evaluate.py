@@ -25,16 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvstream.cells import nll_path  # noqa: F401  (part of this module's interface)
 from kvstream.errors import KVStreamError
 from kvstream.schedule import POLICY_TYPES, Policy, cache_lengths
 
-NLL_SUFFIX = ".nll.npy"
 
 
-def nll_path(cell_json: str | os.PathLike) -> Path:
-    """`<cell>.nll.npy` beside `<cell>.json`."""
-    p = Path(cell_json)
-    return p.with_name(p.name[: -len(".json")] + NLL_SUFFIX if p.name.endswith(".json") else p.name + NLL_SUFFIX)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from kvstream.cells import nll_path
 from kvstream.errors import KVStreamError
 
 CI_LEVEL = 0.95
@@ -149,11 +150,6 @@ def load_cell(path: str | os.PathLike) -> dict:
     cell["_sample"] = _sample_key(path, cell)
     cell["_policy"] = _policy_key(path, cell)
     return cell
-
-
-def nll_path(cell_json: str | os.PathLike) -> Path:
-    p = str(cell_json)
-    return Path(p[: -len(".json")] + ".nll.npy" if p.endswith(".json") else p + ".nll.npy")
 
 
 def load_nll(cell_json: str | os.PathLike) -> np.ndarray:

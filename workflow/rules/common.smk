@@ -269,8 +269,7 @@ def _schedule_key(dataset, policy):
     from kvstream.schedule import Policy, cache_lengths
 
     p = policy_params(policy)
-    fields = ("type", "n_sink", "window_size", "compress_every", "cache_slack", "max_drop", "budget_mode", "cap", "positions")
-    pol = Policy(**{k: p[k] for k in fields if k in p})
+    pol = Policy.from_dict(p)
     n = int(config["datasets"][dataset]["tokens_per_sample"])
     return (p["type"], p.get("n_sink"), p.get("budget"), p.get("cap"), p.get("positions"), tuple(cache_lengths(pol, n)))
 
