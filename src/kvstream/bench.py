@@ -211,10 +211,8 @@ def run_row(model, row: Row, budget: int, ids: torch.Tensor) -> None:
             if i >= warmup:
                 clock.stop(started)
                 row.lengths.append(cache.length)
-            if row.kind == "floor":  # roll the host state back: the next forward again sees C tokens
-                cache.length -= 1
-                cache.n_seen -= 1
-                cache.slot_token[cache.length] = -1
+            if row.kind == "floor":  # the next forward again sees C tokens
+                cache.forget_newest()
         row.step_ms += clock.milliseconds()
         row.events += cache.events - events
 

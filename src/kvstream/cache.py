@@ -376,6 +376,17 @@ class StreamingCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("StreamingCache cannot be cropped (evicted tokens are gone): disable assisted decoding")
 
+    def forget_newest(self) -> None:
+        """Drop the token appended last from the host bookkeeping (its slot is overwritten by the next
+        token), so that a cache that never evicts stays at one length: the dense floor that `kvstream
+        speed` and `kvstream bench` time."""
+        if self.policy.evicts:
+            raise RuntimeError("forget_newest() is for a cache that never evicts")
+        self.length -= 1
+        self.n_seen -= 1
+        self.slot_token[self.length] = -1
+        self._plan = None
+
     def held_tokens(self) -> list[int]:
         """Absolute indices of the held tokens, in cache order (sinks, then window by arrival)."""
         return sorted(int(t) for t in self.slot_token[: self.length] if t >= 0)

@@ -59,9 +59,18 @@ def load_tokens(path: str | os.PathLike, max_tokens: int | None = None) -> np.nd
     return tokens.astype(np.int64)
 
 
-def check_cell_inputs(tokens: np.ndarray, policy: Policy) -> int:
-    """Validate the token count against the policy; return the prefill length P."""
-    n = len(tokens)
+def check_cell_inputs(samples: list[np.ndarray], policy: Policy, recompute_every: int = 1,
+                      names: list[str] | None = None) -> int:
+    """Validate a batch of samples (equal lengths, enough tokens) and recompute_every against the
+    policy; return the prefill length P. names: what the error calls each sample (default: its index)."""
+    lengths = [len(t) for t in samples]
+    if len(set(lengths)) != 1:
+        names = names or [f"sample {i}" for i in range(len(samples))]
+        raise KVStreamError("--tokens: a batch needs samples of equal length, got "
+                            + ", ".join(f"{name}: {n}" for name, n in zip(names, lengths)))
+    if recompute_every < 1 or (recompute_every > 1 and policy.type != "recompute"):
+        raise KVStreamError(f"--recompute-every {recompute_every}: must be >= 1, and > 1 only for policy recompute")
+    n = lengths[0]
     prefill = policy.prefill_len(n)
     if n < prefill + 2 or n <= prefill:
         limit = "budget C = n_sink + window_size" if policy.evicts else "cap"
@@ -185,11 +194,7 @@ def run_cells(model, samples: list[np.ndarray], policy: Policy, *, warmup: int =
     from kvstream.graphs import StaticDecoder, decode_context
 
     policy = policy.resolved()
-    if len({len(t) for t in samples}) != 1:
-        raise KVStreamError(f"a batch needs samples of equal length, got {sorted({len(t) for t in samples})} tokens")
-    if recompute_every < 1 or (recompute_every > 1 and policy.type != "recompute"):
-        raise KVStreamError(f"--recompute-every {recompute_every}: must be >= 1, and > 1 only for policy recompute")
-    prefill = check_cell_inputs(samples[0], policy)
+    prefill = check_cell_inputs(samples, policy, recompute_every)
     device = next(model.parameters()).device
     ids = torch.as_tensor(np.stack(samples), device=device)
     batch, n = ids.shape
@@ -527,13 +532,8 @@ def main(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise KVStreamError(f"--threads must be >= 1, got {args.threads}")
     policy = policy_from_args(args)
-    if args.recompute_every < 1 or (args.recompute_every > 1 and policy.type != "recompute"):
-        raise KVStreamError(f"--recompute-every {args.recompute_every}: must be >= 1, and > 1 only with --policy recompute")
     samples = [load_tokens(t, args.max_tokens) for t in args.tokens]
-    if len({len(t) for t in samples}) != 1:
-        raise KVStreamError(
-            f"--tokens: a batch needs samples of equal length, got {', '.join(f'{t}: {len(x)}' for t, x in zip(args.tokens, samples))}")
-    check_cell_inputs(samples[0], policy)
+    check_cell_inputs(samples, policy, args.recompute_every, names=list(args.tokens))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
     if args.threads:

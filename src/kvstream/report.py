@@ -369,36 +369,35 @@ class _Paired:
                      "intervals resample samples and, within each, the paired targets"
                      if self.subsampled else "PPL increase on all targets, paired per target; intervals resample samples")
 
-    def _diffs(self, cells: Mapping[str, dict], decode: bool) -> list[np.ndarray]:
+    def load(self, cells: Mapping[str, dict]) -> list[np.ndarray]:
+        """A policy's per-target NLL of every sample (read once per policy)."""
         out = []
-        for s, ref, prefill in zip(self.samples, self.ref, self.prefill):
+        for s, ref in zip(self.samples, self.ref):
             x = load_nll(cells[s]["_path"])
             if x.shape != ref.shape:
                 raise KVStreamError(f"cell {cells[s]['_path']}: {x.size} targets but the reference has {ref.size}")
-            mask = np.isfinite(ref) & np.isfinite(x)
-            if decode:
-                mask[:prefill] = False
-            out.append((x - ref)[mask])
+            out.append(x)
         return out
 
-    def sums(self, cells: Mapping[str, dict], decode: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Per sample: the sum of this policy's NLL over the paired targets, and their count."""
-        out_sum, out_n = [], []
-        for s, ref, prefill in zip(self.samples, self.ref, self.prefill):
-            x = load_nll(cells[s]["_path"])
+    def _pairs(self, nlls: Sequence[np.ndarray], decode: bool):
+        """Per sample: (the policy's NLL, the reference's NLL) on the targets both scored."""
+        for x, ref, prefill in zip(nlls, self.ref, self.prefill):
             mask = np.isfinite(ref) & np.isfinite(x)
             if decode:
                 mask[:prefill] = False
-            out_sum.append(float(x[mask].sum()))
-            out_n.append(int(mask.sum()))
-        return np.array(out_sum), np.array(out_n, dtype=float)
+            yield x[mask], ref[mask]
 
-    def n_pairs(self, cells: Mapping[str, dict]) -> int:
-        return int(sum(d.size for d in self._diffs(cells, decode=True)))
+    def sums(self, nlls: Sequence[np.ndarray], decode: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Per sample: the sum of this policy's NLL over the paired targets, and their count."""
+        pairs = list(self._pairs(nlls, decode))
+        return np.array([float(x.sum()) for x, _ in pairs]), np.array([x.size for x, _ in pairs], dtype=float)
 
-    def increase(self, cells: Mapping[str, dict], decode: bool):
+    def n_pairs(self, nlls: Sequence[np.ndarray]) -> int:
+        return int(sum(x.size for x, _ in self._pairs(nlls, decode=True)))
+
+    def increase(self, nlls: Sequence[np.ndarray], decode: bool):
         """(point, bootstrap values or None, per-sample sums) of the PPL increase in percent."""
-        d = self._diffs(cells, decode)
+        d = [x - r for x, r in self._pairs(nlls, decode)]
         sums = np.array([x.sum() for x in d])
         cnt = np.array([x.size for x in d], dtype=float)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -458,7 +457,6 @@ def aggregate(
     idx = bootstrap_indices(n, n_boot, seed)
     ci_note = None if idx is not None else "single sample: no bootstrap interval"
 
-    ref = _per_sample(ref_cells, samples) if ref_cells is not None else None
     paired = _Paired(ref_cells, samples, idx, seed) if ref_cells is not None else None
 
     rows: dict[str, dict] = {}
@@ -478,12 +476,13 @@ def aggregate(
         ppl_b = pooled_ppl(x["nll_sum"], x["n_targets"], idx) if b else None
         dppl = pooled_ppl(x["decode_nll_sum"], x["n_decode_targets"])
         dppl_b = pooled_ppl(x["decode_nll_sum"], x["n_decode_targets"], idx) if b else None
+        nlls = paired.load(cells) if paired is not None else None
         if paired is not None and paired.subsampled:
             # The reference scored a subsample: every row's PPL is shown on the paired targets (the same
             # targets in every row, as the increase), each policy's own all-target PPL kept beside it.
             row["ppl_all_scored"], row["decode_ppl_all_scored"] = ppl, dppl
-            ps, pn = paired.sums(cells, decode=False)
-            ds, dn = paired.sums(cells, decode=True)
+            ps, pn = paired.sums(nlls, decode=False)
+            ds, dn = paired.sums(nlls, decode=True)
             ppl, ppl_b = pooled_ppl(ps, pn), (pooled_ppl(ps, pn, idx) if b else None)
             dppl, dppl_b = pooled_ppl(ds, dn), (pooled_ppl(ds, dn, idx) if b else None)
         _with_ci(row, "ppl", ppl, ppl_b)
@@ -491,7 +490,7 @@ def aggregate(
 
         if paired is not None and pol != reference:
             for name, decode in (("ppl_increase_percent", False), ("decode_ppl_increase_percent", True)):
-                point, boot, sums = paired.increase(cells, decode)
+                point, boot, sums = paired.increase(nlls, decode)
                 _with_ci(row, name, point, boot)
                 row.setdefault("paired", {})[name] = sums
         elif pol == reference:
@@ -502,7 +501,7 @@ def aggregate(
             for name in ("ppl_increase_percent", "decode_ppl_increase_percent"):
                 row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _nan(), _nan(), _nan()
         if paired is not None:
-            row["paired_targets"] = paired.n_pairs(cells)
+            row["paired_targets"] = paired.n_pairs(nlls)
         row["reused_from"] = (first.get("reused_from") or {}).get("policy")
         _speed_columns(row, pol, reference, speed, row["reused_from"])
 
@@ -747,10 +746,10 @@ def _caption_common(agg: Mapping) -> str:
           if agg.get("n_boot") else rf"{n} sample: no PPL interval can be estimated.")
     sp = agg.get("speed") or {}
     if sp:
-        speed = (rf"TPOT: mean ms per token over whole eviction periods in one interleaved speed run "
+        speed = (r"TPOT: mean ms per token over whole eviction periods in one interleaved speed run "
                  rf"({tex_escape(sp.get('execution'))}, batch 1, {sp.get('rounds')} rounds, {sp.get('threads')} "
                  + ("thread" if sp.get("threads") == 1 else "threads") + "); "
-                 rf"TPOT and speedup brackets: 95\,\% $t$-intervals across the rounds.")
+                 r"TPOT and speedup brackets: 95\,\% $t$-intervals across the rounds.")
     else:
         speed = "No speed run: no TPOT."
     samples = "1 sample" if n == 1 else f"{n} samples"

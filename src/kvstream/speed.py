@@ -10,7 +10,6 @@ exactly the amortised cost per token. Ratios carry a 95% interval across rounds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -172,9 +171,8 @@ class Entry:
             if clock:
                 clock.stop(started)
             lengths.append(p.cap if cache is None else cache.length)
-            if p.type == "dense":  # roll the host state back (as bench's floor): the next forward again sees cap
-                cache.length, cache.n_seen = cache.length - 1, cache.n_seen - 1
-                cache.slot_token[cache.length] = -1
+            if p.type == "dense":  # the next forward again sees cap
+                cache.forget_newest()
             self.t += 1
         if clock is None:
             return
