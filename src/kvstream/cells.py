@@ -30,7 +30,7 @@ def reuse_cells(sources, outputs, params: dict, policy_name: str, source_name: s
     Refuses (KVStreamError) when the source was evaluated with a different schedule: the reuse is
     only valid because the cache-length traces agree, and that is checked on the source's measured trace.
     """
-    from kvstream.data import atomic_path
+    from kvstream.io import atomic_path
     from kvstream.schedule import cache_lengths
 
     policy = Policy.from_dict(params)

