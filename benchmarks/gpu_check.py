@@ -25,7 +25,8 @@ quick = os.environ.get("KVSTREAM_GPU_QUICK") == "1"  # smoke run of this script 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 import transformers
 
-from kvstream.bench import build_model, format_table, run_bench
+from kvstream.bench import build_model, run_bench
+from kvstream.study.bench_table import format_table
 from kvstream.evaluate import run_cell, summarize
 from kvstream.schedule import Policy
 

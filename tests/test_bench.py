@@ -45,7 +45,7 @@ def test_bench_rejects_small_budget(capsys):
 def test_paper_table_and_macros_from_committed_gpu_run():
     from pathlib import Path
 
-    from kvstream.bench import latex_macros, latex_table, load_results
+    from kvstream.study.bench_table import latex_macros, latex_table, load_results
 
     [gpu] = load_results(Path(__file__).parents[1] / "benchmarks" / "h100" / "run4-final-gpu-check.json")
     table, macros = latex_table([gpu], "caption"), latex_macros([gpu])
@@ -57,7 +57,8 @@ def test_paper_table_and_macros_from_committed_gpu_run():
 
 
 def test_paper_table_says_mean_for_new_results(tmp_path):
-    from kvstream.bench import latex_table, load_results, run_bench
+    from kvstream.bench import run_bench
+    from kvstream.study.bench_table import latex_table, load_results
 
     result = run_bench("tiny-llama", 96, torch.device("cpu"), torch.float32, steps=4, warmup=1, repeats=1,
                        naive=False, graphs=False)

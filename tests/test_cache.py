@@ -126,7 +126,7 @@ def _cache_relative_logits(stream, query_raw):
     cache = stream.cache
     held = cache.held_tokens()  # sinks, then window, by arrival
     rel = {token: i for i, token in enumerate(held)}
-    slots = [int(t) for t in cache.slot_token[: cache.length]]
+    slots = [int(t) for t in cache.slots.slot_token[: cache.length]]
     positions = torch.tensor([rel[t] for t in slots])
     q_pos = torch.tensor([len(held) - 1])
     out = []
@@ -180,8 +180,8 @@ def test_absolute_positions_differ_from_relative():
     assert ((rel - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     # absolute: the window is still right (same distances), the sinks are far away, not adjacent
     absolute_logits = _cache_logits(absolute, q).double()
-    sink_slots = [i for i, t in enumerate(absolute.cache.slot_token[: absolute.cache.length]) if t < 4]
-    window_slots = [i for i, t in enumerate(absolute.cache.slot_token[: absolute.cache.length]) if t >= 4]
+    sink_slots = [i for i, t in enumerate(absolute.cache.slots.slot_token[: absolute.cache.length]) if t < 4]
+    window_slots = [i for i, t in enumerate(absolute.cache.slots.slot_token[: absolute.cache.length]) if t >= 4]
     ref_abs = _cache_relative_logits(absolute, q)
     assert torch.allclose(absolute_logits[..., window_slots], ref_abs[..., window_slots], rtol=1e-5, atol=1e-5)
     assert (absolute_logits[..., sink_slots] - ref_abs[..., sink_slots]).abs().max() > 1e-2

@@ -239,3 +239,20 @@ def test_module_entry_point(model_dir, tokens_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["policy"]["type"] == "window"
     assert "\r" not in proc.stderr  # no progress bar in logs
+
+
+def test_cli_policy_json_equals_the_flags(model_dir, tokens_file, tmp_path, capsys):
+    flags = ["--policy", "sink", "--window-size", "28", "--compress-every", "4", "--max-drop", "none"]
+    spec = {"type": "sink", "window_size": 28, "compress_every": 4, "max_drop": None}  # n_sink: Policy's default
+    assert run(eval_args(model_dir, tokens_file, tmp_path / "flags.json", *flags)) == 0
+    assert run(eval_args(model_dir, tokens_file, tmp_path / "json.json", "--policy-json", json.dumps(spec))) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("flags", "json"))
+    assert a["policy"] == b["policy"] and a["policy"]["n_sink"] == 4
+    assert np.load(tmp_path / "flags.nll.npy").tobytes() == np.load(tmp_path / "json.nll.npy").tobytes()
+    # both ways at once, an unknown field, a bad value: refused before the model loads, naming the field
+    for extra, message in ((["--policy-json", json.dumps(spec), "--cap", "64"], "not both"),
+                           (["--policy-json", json.dumps({**spec, "sinks": 4})], "unknown key 'sinks'"),
+                           (["--policy-json", json.dumps({**spec, "compress_every": 0})], "compress_every must be")):
+        out = tmp_path / "bad" / "c.json"
+        assert run(eval_args(model_dir, tokens_file, out, *extra)) == 2
+        assert message in capsys.readouterr().err and not out.exists()

@@ -8,7 +8,7 @@ import pytest
 from kvstream.cli import main as cli_main
 from kvstream.errors import KVStreamError
 from kvstream.schedule import Policy, cache_lengths, eviction_events
-from kvstream.speed import steady_schedule, timed_window
+from kvstream.schedule import steady_schedule, timed_window
 from kvstream.stats import ratio_ci as ratio
 
 policy_from_dict = Policy.from_dict

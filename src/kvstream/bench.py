@@ -21,25 +21,19 @@ Results written before this rule (benchmarks/h100/*.json) have medians only: `tp
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from kvstream.errors import KVStreamError
-from kvstream.evaluate import StepTimer, cpu_name
-from kvstream.schedule import Policy
-from kvstream.speed import steady_schedule, timed_window
+from kvstream.decode import Decoder, StepTimer
+from kvstream.provenance import device_name
+from kvstream.schedule import Policy, steady_schedule, timed_window
+from kvstream.tiny import TINY_ARCHITECTURES
 
 SHAPES = {
-    "tiny-llama": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=128, vocab_size=256, max_position_embeddings=4096)),
+    "tiny-llama": ("llama", {**TINY_ARCHITECTURES["llama"], "vocab_size": 256, "max_position_embeddings": 4096}),
     # name: (family, config kwargs)
     "pythia-70m": ("gpt_neox", dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
                                     intermediate_size=2048, rotary_pct=0.25, vocab_size=50304,
@@ -154,67 +148,53 @@ def _rows(budget: int, naive: bool, graphs: bool) -> list[Row]:
 
 def run_row(model, row: Row, budget: int, ids: torch.Tensor) -> None:
     """Prefill, warm up, then time row.window decode steps of one row; append to row.step_ms."""
-    from kvstream.cache import StreamingCache
-    from kvstream.graphs import StaticDecoder, decode_context
+    from kvstream.graphs import decode_context
 
     device = ids.device
     clock = StepTimer(device)
     warmup, total = row.warmup, row.warmup + row.window
     with torch.inference_mode(), decode_context(device, static=row.knobs["graph"]):
-        if row.kind == "recompute":
-            for i in range(total):
-                t = budget + i
-                started = clock.start()
-                model(ids[None, t + 1 - budget : t + 1], use_cache=False, logits_to_keep=1)
-                if i >= warmup:
-                    clock.stop(started)
-                    row.lengths.append(budget)
-            row.step_ms += clock.milliseconds()
-            return
         if row.kind == "naive":
-            policy = row.policy(budget)
-            cache = NaiveSinkCache(model, N_SINK, policy.window_size, policy.compress_every)
-            prefill = cache.budget
-            model(ids[None, :prefill], cache=cache.cache)
-            for i in range(total):
-                t = prefill + i
-                if i == warmup:
-                    events = cache.events
-                started = clock.start()
-                cache.evict()
-                length = cache.length() + 1
-                model(ids[None, t : t + 1], cache=cache.cache, position_ids=torch.tensor([[length - 1]], device=device))
-                if i >= warmup:
-                    clock.stop(started)
-                    row.lengths.append(length)
-            row.step_ms += clock.milliseconds()
-            row.events += cache.events - events
+            _run_naive(model, row, budget, ids, clock)
             return
         policy = row.policy(budget).resolved()
-        if row.kind == "floor":
-            cache = StreamingCache(model, policy, reserve=budget)
-            prefill = budget - 1
-        else:
-            cache = StreamingCache(model, policy, rebase_at="auto")
-            prefill = policy.budget
-        model(ids[None, :prefill], cache=cache)
-        decoder = StaticDecoder(model, cache) if row.knobs["graph"] else None
+        if row.kind == "recompute":  # a full window of history, no prefill
+            decoder = Decoder(model, policy, ids[None], start=budget)
+        else:  # the floor holds C - 1 tokens and rolls each step back, so every forward sees C
+            decoder = Decoder(model, policy, ids[None], reserve=budget if row.kind == "floor" else None,
+                              static=row.knobs["graph"], hold=row.kind == "floor")
+            decoder.prefill(budget - 1 if row.kind == "floor" else policy.budget)
         for i in range(total):
-            t = prefill + i
             if i == warmup:
-                events = cache.events
-            started = clock.start()  # eviction planning included: it is cache maintenance
-            if decoder is not None:
-                decoder.step(ids[t])
-            else:
-                model(ids[None, t : t + 1], cache=cache)
+                events = decoder.counters()[0]
+            decoder.step(clock if i >= warmup else None)  # eviction planning included: it is maintenance
             if i >= warmup:
-                clock.stop(started)
-                row.lengths.append(cache.length)
-            if row.kind == "floor":  # the next forward again sees C tokens
-                cache.forget_newest()
+                row.lengths.append(decoder.length)
         row.step_ms += clock.milliseconds()
-        row.events += cache.events - events
+        row.events += decoder.counters()[0] - events
+
+
+def _run_naive(model, row: Row, budget: int, ids: torch.Tensor, clock: StepTimer) -> None:
+    """The original's way: DynamicCache grown by concatenation, sliced and re-rotated at each event."""
+    device = ids.device
+    warmup, total = row.warmup, row.warmup + row.window
+    policy = row.policy(budget)
+    cache = NaiveSinkCache(model, N_SINK, policy.window_size, policy.compress_every)
+    prefill = cache.budget
+    model(ids[None, :prefill], cache=cache.cache)
+    for i in range(total):
+        t = prefill + i
+        if i == warmup:
+            events = cache.events
+        started = clock.start()
+        cache.evict()
+        length = cache.length() + 1
+        model(ids[None, t : t + 1], cache=cache.cache, position_ids=torch.tensor([[length - 1]], device=device))
+        if i >= warmup:
+            clock.stop(started)
+            row.lengths.append(length)
+    row.step_ms += clock.milliseconds()
+    row.events += cache.events - events
 
 
 def measure_bandwidth(device: torch.device, mib: int = 1024) -> float | None:
@@ -288,7 +268,7 @@ def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype,
 
     result = {
         "shape": shape, "budget": budget, "n_sink": N_SINK, "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_name": device_name(device),
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "attn": attn,
         "steps": steps, "warmup": warmup, "repeats": repeats, "recompute_steps": recompute_steps,
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -298,150 +278,3 @@ def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype,
         "rows": out_rows,
     }
     return result
-
-
-def tpot_ms(row: dict) -> float:
-    """A row's primary figure: the mean; the median in results written before the mean rule."""
-    return row["tpot_ms_mean"] if "tpot_ms_mean" in row else row["tpot_ms_median"]
-
-
-def statistic(result: dict) -> str:
-    """"mean", or "median" for a result written before the mean rule."""
-    return "mean" if all("tpot_ms_mean" in r for r in result["rows"]) else "median"
-
-
-def format_table(result: dict) -> str:
-    head = (f"{result['shape']}  C={result['budget']}  {result['device_name']} ({result['device']}, {result['dtype']}, "
-            f"{result['threads']} threads, attn={result['attn']})  >= {result['steps']} steps "
-            f"(recompute: {result.get('recompute_steps') or result['steps']})")
-    stat = statistic(result)
-    head += (f" in whole eviction periods x repeats={result['repeats']}, after {result['warmup']} warm-up"
-             if stat == "mean" else f" x repeats={result['repeats']} (run before the mean rule: medians)")
-    lines = [head, "", f"| row | TPOT {stat} ms | median ms | p10-p90 ms | ratio to dense floor ({stat}s, same mode) | "
-                       "mean forward len | timed steps | events |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['row']} | {tpot_ms(r):.3f} | {r['tpot_ms_median']:.3f} | {r['tpot_ms_p10']:.3f}-"
-                     f"{r['tpot_ms_p90']:.3f} | {r['ratio_to_floor']:.3f} | {r['mean_forward_len']:.1f} | "
-                     f"{r['timed_steps']} | {r.get('events', '')} |")
-    if result["bandwidth_floor_ms"] is not None:
-        lines += ["", f"memory bandwidth {result['bandwidth_gb_s']:.0f} GB/s (measured copy), "
-                      f"{result['bytes_per_token'] / 1e9:.3f} GB moved per token -> bandwidth floor "
-                      f"{result['bandwidth_floor_ms']:.3f} ms"]
-        for r in result["rows"]:
-            if r["row"].startswith("sink R=1"):
-                lines.append(f"{r['row']}: {tpot_ms(r) / result['bandwidth_floor_ms']:.2f}x the bandwidth floor")
-    return "\n".join(lines)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time decode steps: dense floor, sink R=1/32/64, recompute, naive reference")
-    p.add_argument("--shape", action="append", choices=tuple(SHAPES), help="model shape (repeatable)")
-    p.add_argument("--budget", type=int, action="append", help="C: tokens each forward sees (repeatable)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                   help="default float32 on CPU, float16 on CUDA")
-    p.add_argument("--steps", type=int, default=64,
-                   help="timed steps per repeat at least; each row times whole eviction periods with >= 2 events")
-    p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--recompute-steps", type=int, default=None,
-                   help="timed steps for the recompute row (default --steps; it is O(C) times slower on a CPU)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
-    p.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive reference rows")
-    p.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
-                   help="also time fixed-shape steps (CUDA-graph replay on a GPU, eager on a CPU); auto: on CUDA")
-    p.add_argument("--out", default=None, help="write the results as JSON here, and the table beside it as .md")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    from kvstream.data import atomic_path
-    from kvstream.models import resolve_device, resolve_dtype
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    shapes = args.shape or ["pythia-70m"]
-    budgets = args.budget or [512]
-    for name, value in (("--steps", args.steps), ("--repeats", args.repeats)):
-        if value < 1:
-            raise KVStreamError(f"{name} must be >= 1, got {value}")
-    for b in budgets:
-        if b < 4 * N_SINK + 64 + 2:
-            raise KVStreamError(f"--budget {b} is too small for sink R=64 with S={N_SINK}: use >= {4 * N_SINK + 66}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results = []
-    for shape in shapes:
-        for budget in budgets:
-            result = run_bench(shape, budget, device, dtype, steps=args.steps, warmup=args.warmup,
-                               repeats=args.repeats, naive=args.naive, attn=args.attn,
-                               graphs={"auto": None, "on": True, "off": False}[args.graphs],
-                               recompute_steps=args.recompute_steps)
-            print(format_table(result) + "\n", flush=True)
-            results.append(result)
-    if args.out:
-        out = Path(args.out)
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(results, indent=1) + "\n")
-        with atomic_path(out.with_suffix(".md")) as tmp:
-            tmp.write_text("\n\n".join(format_table(r) for r in results) + "\n")
-    return 0
-
-
-def latex_table(results: list[dict], caption: str, label: str = "tab:bench") -> str:
-    """A booktabs table of one or more bench results (one block per shape/budget/device)."""
-
-    def esc(text: str) -> str:
-        return str(text).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
-
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
-             r"\begin{tabular}{lrrrr}", r"\toprule",
-             r"Row & mean ms & p10--p90 ms & $\times$ floor & mean length \\"]
-    for result in results:
-        stat = "" if statistic(result) == "mean" else ", median of steps (run before the mean rule)"
-        lines += [r"\midrule",
-                  rf"\multicolumn{{5}}{{l}}{{\emph{{{esc(result['shape'])}, $C={result['budget']}$, "
-                  rf"{esc(result['device_name'])}, {esc(result['dtype'])}{stat}}}}} \\"]
-        for r in result["rows"]:
-            name = re.sub(r"R=(\d+)", r"$R=\1$", esc(r["row"])).replace("dense@C", "dense@$C$")
-            lines.append(f"{name} & {tpot_ms(r):.2f} & {r['tpot_ms_p10']:.2f}--{r['tpot_ms_p90']:.2f} & "
-                         f"{r['ratio_to_floor']:.3f} & {r['mean_forward_len']:.1f} \\\\")
-        if result.get("bandwidth_floor_ms"):
-            lines.append(rf"\multicolumn{{5}}{{l}}{{\footnotesize memory-bandwidth floor "
-                         rf"{result['bandwidth_floor_ms']:.2f} ms ({result['bytes_per_token'] / 1e9:.2f} GB per token at "
-                         rf"{result['bandwidth_gb_s']:.0f} GB/s measured)}} \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
-
-
-def latex_macros(results: list[dict]) -> str:
-    """\\newcommand macros for the prose: ratios of the first CPU and the first CUDA result."""
-    lines = []
-    seen = set()
-    for result in results:
-        tag = "Gpu" if result["device"] == "cuda" else "Cpu"
-        if tag in seen:
-            continue
-        seen.add(tag)
-        rows = {r["row"]: r for r in result["rows"]}
-        names = {"sink R=1": "SinkROne", "sink R=64": "SinkRSixtyFour", "naive R=1": "NaiveROne",
-                 "recompute": "Recompute", "sink R=1 graph": "SinkROneGraph", "sink R=64 graph": "SinkRSixtyFourGraph"}
-        for row, name in names.items():
-            if row in rows:
-                lines.append(rf"\newcommand{{\Bench{tag}{name}}}{{{rows[row]['ratio_to_floor']:.2f}}}")
-        lines.append(rf"\newcommand{{\Bench{tag}Device}}{{{result['device_name']}}}")
-        lines.append(rf"\newcommand{{\Bench{tag}Shape}}{{{result['shape']}}}")
-        lines.append(rf"\newcommand{{\Bench{tag}Budget}}{{{result['budget']}}}")
-        if result.get("bandwidth_floor_ms") and "sink R=1 graph" in rows:
-            ratio = tpot_ms(rows["sink R=1 graph"]) / result["bandwidth_floor_ms"]
-            lines.append(rf"\newcommand{{\Bench{tag}BandwidthX}}{{{ratio:.2f}}}")
-    return "\n".join(lines) + "\n"
-
-
-def load_results(path: str | Path) -> list[dict]:
-    """Bench results from a `kvstream bench --out` file (a list) or a gpu_check.py report (key 'bench')."""
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict):
-        data = [data["bench"]] if "bench" in data else [data]
-    return data

@@ -25,7 +25,7 @@ Design (see method.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvstream.errors import KVStreamError
 from kvstream.rope import Rotary
 from kvstream.schedule import Policy, eviction_size
+from kvstream.slots import SlotPlan, SlotTable
 
 
 @dataclass
@@ -41,13 +42,43 @@ class _Plan:
     """Maintenance to apply before the next tokens are appended (same for every layer)."""
 
     n_evict: int = 0
+    slots: SlotPlan | None = None  # the event's moves (host side)
     src: torch.Tensor | None = None  # slots whose tokens move ...
     dst: torch.Tensor | None = None  # ... into these freed slots
     rebase: int = 0  # rotate window keys by -rebase
     sink_delta: int | None = None  # re-rotate sinks to original + sink_delta (None: unchanged)
     length: int = 0  # tokens held once the plan is applied
     next_pos: int = 0  # position of the next token once the plan is applied
-    host: dict = field(default_factory=dict)  # slot bookkeeping to commit
+
+
+class EvictionRule:
+    """Which tokens an event removes: the one decision a policy kind owns.
+
+    The cache (the mechanism: slots, buffers, rotation, the schedule of docs/method.md) decides when
+    an event happens and how many tokens it removes; `select` returns the slots of the tokens to
+    remove, never a sink (the first n_sink tokens). A rule whose choice keeps the window a
+    contiguous run of the most recent tokens sets `contiguous_window` (cache-relative positions then
+    only need the sinks re-rotated).
+    """
+
+    contiguous_window = True
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def select(self, cache: "StreamingCache", n: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OldestFirst(EvictionRule):
+    """window and sink (StreamingLLM): the n oldest non-sink tokens."""
+
+    def select(self, cache, n):
+        return cache.slots.slots_of(cache.first_window, n, cache.length)
+
+
+# policy type -> its rule (types without eviction have none)
+EVICTION_RULES: dict[str, type[EvictionRule]] = {"window": OldestFirst, "sink": OldestFirst}
 
 
 class StreamingCacheLayer(CacheLayerMixin):
@@ -123,6 +154,7 @@ class StreamingCache(Cache):
         config = model.config
         n_layers = config.num_hidden_layers
         self.policy = policy
+        self.rule = EVICTION_RULES[policy.type](policy) if policy.evicts else None
         self.rotary = Rotary.from_model(model)
         self.n_layers = n_layers
         self.n_sink = policy.n_sink if policy.evicts else 0
@@ -137,6 +169,7 @@ class StreamingCache(Cache):
         self.value_buffer: torch.Tensor | None = None
         self.sink_keys: torch.Tensor | None = None  # sinks as they arrived, at positions 0..S-1
         self.capacity = 0
+        self.slots = SlotTable()
         self.reserve = reserve or 0
         self.static = False
         self._reset_state()
@@ -148,8 +181,6 @@ class StreamingCache(Cache):
         self.first_window = 0  # absolute index of the oldest window token
         self.shift = 0  # frame position of token u is u - shift (relative mode, after rebases)
         self.sink_delta = 0  # current rotation of the sinks from their arrival positions
-        self.slot_token = np.full(max(self.capacity, 1), -1, dtype=np.int64)
-        self.token_slot = np.zeros(max(self.capacity, 1), dtype=np.int64)  # ring: token u -> slot
         self.events = 0
         self.rebases = 0
         self._plan: _Plan | None = None
@@ -157,7 +188,7 @@ class StreamingCache(Cache):
 
     def reset(self) -> None:
         self._reset_state()
-        self.slot_token[:] = -1
+        self.slots.clear()
 
     def next_forward_length(self, q_len: int = 1) -> int:
         """Tokens the next forward of q_len tokens will attend over (after pending maintenance)."""
@@ -189,18 +220,12 @@ class StreamingCache(Cache):
         n = eviction_size(self.length, policy.budget, policy.compress_every, policy.cache_slack, policy.max_drop)
         first_window = self.first_window
         if n:
-            new_length = self.length - n
-            evicted_tokens = np.arange(first_window, first_window + n)
-            evicted_slots = self.token_slot[evicted_tokens % self.capacity]
-            holes = np.sort(evicted_slots[evicted_slots < new_length])
-            tail = np.arange(new_length, self.length)
-            movers = tail[self.slot_token[tail] >= first_window + n]
+            plan.slots = self.slots.plan(self.rule.select(self, n), self.length)
             plan.n_evict = n
-            plan.length = new_length
-            plan.host = {"holes": holes, "movers": movers, "evicted_slots": evicted_slots}
-            if len(holes):
-                plan.src = self._to_device(movers)
-                plan.dst = self._to_device(holes)
+            plan.length = plan.slots.length
+            if len(plan.slots.holes):
+                plan.src = self._to_device(plan.slots.movers)
+                plan.dst = self._to_device(plan.slots.holes)
             first_window += n
         if self.relative:
             shift = self.shift
@@ -224,24 +249,14 @@ class StreamingCache(Cache):
         """Advance the host state past `plan` and the q_len appended tokens."""
         if plan.n_evict:
             self.events += 1
-            h = plan.host
-            for hole, mover in zip(h["holes"], h["movers"]):
-                token = self.slot_token[mover]
-                self.slot_token[hole] = token
-                self.token_slot[token % self.capacity] = hole
-                self.slot_token[mover] = -1
-            stale = h["evicted_slots"]
-            self.slot_token[stale[stale >= plan.length]] = -1
+            self.slots.commit(plan.slots)
             self.first_window += plan.n_evict
         if plan.rebase:
             self.rebases += 1
             self.shift += plan.rebase
         if plan.sink_delta is not None:
             self.sink_delta = plan.sink_delta
-        new_slots = np.arange(plan.length, plan.length + q_len)
-        new_tokens = np.arange(self.n_seen, self.n_seen + q_len)
-        self.slot_token[new_slots] = new_tokens
-        self.token_slot[new_tokens % self.capacity] = new_slots
+        self.slots.append(plan.length, self.n_seen, q_len)
         self.length = plan.length + q_len
         self.n_seen += q_len
         if self.first_window < self.n_sink:
@@ -273,13 +288,8 @@ class StreamingCache(Cache):
             keys[..., : self.capacity, :] = self.key_buffer
             values[..., : self.capacity, :] = self.value_buffer
         self.key_buffer, self.value_buffer = keys, values
-        # Re-index the token ring for the new capacity.
-        slot_token = np.full(capacity, -1, dtype=np.int64)
-        slot_token[: len(self.slot_token)] = self.slot_token[: min(len(self.slot_token), capacity)]
-        token_slot = np.zeros(capacity, dtype=np.int64)
-        held = np.nonzero(slot_token >= 0)[0]
-        token_slot[slot_token[held] % capacity] = held
-        self.slot_token, self.token_slot, self.capacity = slot_token, token_slot, capacity
+        self.slots.grow(capacity)
+        self.capacity = capacity
 
     def _apply(self, plan: _Plan) -> None:
         keys, values = self.key_buffer, self.value_buffer
@@ -384,9 +394,9 @@ class StreamingCache(Cache):
             raise RuntimeError("forget_newest() is for a cache that never evicts")
         self.length -= 1
         self.n_seen -= 1
-        self.slot_token[self.length] = -1
+        self.slots.release(self.length)
         self._plan = None
 
     def held_tokens(self) -> list[int]:
         """Absolute indices of the held tokens, in cache order (sinks, then window by arrival)."""
-        return sorted(int(t) for t in self.slot_token[: self.length] if t >= 0)
+        return self.slots.held_tokens(self.length)

@@ -1,4 +1,4 @@
-"""Decode-loop evaluation of one (policy, sample) cell, and the `kvstream eval` command.
+"""Quality cells: the decode loop over a batch of samples, per-target NLL, the cell JSON.
 
 method.md, "Prefill and the decode loop": prefill feeds x_0 .. x_{P-1} in one forward and scores
 x_1 .. x_P; decode feeds x_P, x_{P+1}, ... one token per step and scores the next one. Every policy
@@ -9,14 +9,8 @@ the timed region, after warm-up steps the step times form TPOT.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import hashlib
 import json
 import os
-import platform
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvstream.cells import nll_path  # noqa: F401  (part of this module's interface)
+from kvstream.cells import nll_path
+from kvstream.decode import Decoder, PeakMemory, StepTimer, sync
 from kvstream.errors import KVStreamError
-from kvstream.schedule import POLICY_TYPES, Policy, cache_lengths
+from kvstream.schedule import Policy, cache_lengths
 
 
 
@@ -101,71 +96,6 @@ class CellResult:
     batch_size: int = 1
 
 
-class StepTimer:
-    """Per-step wall time of the timed region; CUDA events on a GPU (no host sync inside the loop)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.host: list[float] = []
-        self.events: list[tuple] = []
-
-    def start(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def stop(self, started):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.events.append((started, e))
-        else:
-            self.host.append((time.perf_counter() - started) * 1000.0)
-
-    def milliseconds(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in self.events]
-        return self.host
-
-
-class _Memory:
-    """Peak memory during decode: the CUDA allocator's peak, or the process's peak RSS on a CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.kind = "cuda_max_allocated" if self.cuda else "process_peak_rss"
-
-    def reset(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return
-        try:  # Linux: writing 5 resets the peak RSS (VmHWM) to the current RSS
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.kind = "process_peak_rss_since_start"
-
-    def peak_mb(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() / 2**20
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
-        import resource
-
-        self.kind = "process_peak_rss_since_start"
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-target NLL in float32 (logits [T, V], targets [T])."""
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
@@ -190,8 +120,7 @@ def run_cells(model, samples: list[np.ndarray], policy: Policy, *, warmup: int =
     recompute_every: the recompute baseline scores only every k-th decode target (decode steps
     0, k, 2k, ...; the others are NaN in the NLL), the prefill targets always.
     """
-    from kvstream.cache import StreamingCache
-    from kvstream.graphs import StaticDecoder, decode_context
+    from kvstream.graphs import decode_context
 
     policy = policy.resolved()
     prefill = check_cell_inputs(samples, policy, recompute_every)
@@ -200,7 +129,7 @@ def run_cells(model, samples: list[np.ndarray], policy: Policy, *, warmup: int =
     batch, n = ids.shape
     steps = n - 1 - prefill
     nll = torch.full((batch, n - 1), float("nan"), dtype=torch.float32, device=device)
-    timer, memory = StepTimer(device), _Memory(device)
+    timer, memory = StepTimer(device), PeakMemory(device)
     cache_len: list[int] = []
     scored_steps: list[int] = []
     bar = _progress(steps, policy.type, progress)
@@ -210,49 +139,34 @@ def run_cells(model, samples: list[np.ndarray], policy: Policy, *, warmup: int =
         cuda_graphs = device.type == "cuda"
     static = bool(cuda_graphs and policy.evicts)
     with torch.inference_mode(), decode_context(device, static=static):
-        cache = None
-        if policy.type != "recompute":
-            reserve = n if policy.type == "dense" else None
-            cache = StreamingCache(model, policy, rebase_at="auto", reserve=reserve)
-        _sync(device)
+        decoder = Decoder(model, policy, ids, reserve=n if policy.type == "dense" else None, static=static,
+                          graph=device.type == "cuda")
+        sync(device)
         t0 = time.perf_counter()
-        logits = model(ids[:, :prefill], cache=cache, use_cache=cache is not None).logits
+        logits = decoder.prefill(prefill)
         for b in range(batch):  # row by row: the float32 copy of [P, V] logits is made once per row
             nll[b, :prefill] = _nll_of(logits[b], ids[b, 1 : prefill + 1])
         del logits
-        _sync(device)
+        sync(device)
         prefill_time = time.perf_counter() - t0
-        decoder = StaticDecoder(model, cache, use_graph=device.type == "cuda") if static else None
         memory.reset()
 
         t0 = time.perf_counter()
         for t in range(prefill, n - 1):
-            if policy.type == "recompute":
-                if (t - prefill) % recompute_every:
-                    continue
-                start = max(0, t + 1 - policy.cap)
-                cache_len.append(t + 1 - start)
-                started = timer.start()
-                logits = model(ids[:, start : t + 1], use_cache=False, logits_to_keep=1).logits[:, -1]
-                timer.stop(started)
-            else:
-                # Planning the eviction is maintenance: it happens inside the timed step, and the
-                # length the forward attended over is read afterwards.
-                started = timer.start()
-                if decoder is not None:
-                    logits = decoder.step(ids[:, t])
-                else:
-                    logits = model(ids[:, t : t + 1], cache=cache).logits[:, -1]
-                timer.stop(started)
-                cache_len.append(cache.length)
+            if policy.type == "recompute" and (t - prefill) % recompute_every:
+                decoder.skip()
+                continue
+            logits = decoder.step(timer)
+            cache_len.append(decoder.length)
             scored_steps.append(t - prefill)
             nll[:, t] = _nll_of(logits, ids[:, t + 1])
             if bar is not None:
                 bar.update(1)
-        _sync(device)
+        sync(device)
         decode_time = time.perf_counter() - t0
     if bar is not None:
         bar.close()
+    cache = decoder.cache
     step_ms = timer.milliseconds()
     peak = memory.peak_mb()
     nll_host = nll.cpu().numpy().astype(np.float32)
@@ -268,8 +182,9 @@ def run_cells(model, samples: list[np.ndarray], policy: Policy, *, warmup: int =
         )
     extra = {}
     if cache is not None:
-        extra = {"eviction_events": cache.events, "rebases": cache.rebases, "static_shapes": decoder is not None,
-                 "cuda_graph": decoder is not None and decoder.use_graph}
+        fixed = decoder.fixed
+        extra = {"eviction_events": cache.events, "rebases": cache.rebases, "static_shapes": fixed is not None,
+                 "cuda_graph": fixed is not None and fixed.use_graph}
         if policy.evicts:
             expected = cache_lengths(policy, n)
             if expected != cache_len:  # the cache must follow the pure schedule exactly
@@ -294,11 +209,6 @@ def run_cells(model, samples: list[np.ndarray], policy: Policy, *, warmup: int =
         )
         for b in range(batch)
     ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -380,184 +290,17 @@ def summarize(result: CellResult, policy: Policy, warmup: int) -> dict:
     }
 
 
-def _git_state() -> tuple[str | None, bool | None]:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return None, None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-        return commit.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None, None
+def write_cells(outs, results: list[CellResult], policy: Policy, warmup: int, labels: dict, provenances: list[dict]) -> None:
+    """Each cell's JSON and its per-target NLL (<cell>.nll.npy), each written atomically."""
+    from kvstream.io import atomic_path
 
-
-def provenance(args: argparse.Namespace, policy: Policy, device: torch.device, dtype: torch.dtype, n_tokens: int,
-               tokens_file: str | os.PathLike | None = None) -> dict:
-    import transformers
-
-    commit, dirty = _git_state()
-    tokens_file = args.tokens if tokens_file is None else tokens_file
-    hashed = {
-        "model": str(args.model), "tokens_sha256": _sha256(tokens_file), "policy": policy.as_dict(),
-        "dtype": str(dtype), "max_tokens": args.max_tokens, "warmup": args.warmup, "seed": args.seed,
-    }
-    if getattr(args, "recompute_every", 1) != 1:
-        hashed["recompute_every"] = args.recompute_every
-    return {
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(),
-        "config_hash": hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16],
-        "seed": args.seed,
-        "model": str(args.model),
-        "tokens_file": str(tokens_file),
-        "n_tokens": n_tokens,
-        "hostname": socket.gethostname(),
-        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------------
-# command line
-
-
-def policy_from_args(args: argparse.Namespace) -> Policy:
-    return Policy(
-        type=args.policy,
-        n_sink=args.n_sink,
-        window_size=args.window_size,
-        compress_every=args.compress_every,
-        cache_slack=args.cache_slack,
-        max_drop=args.max_drop,
-        budget_mode=args.budget_mode,
-        cap=args.cap,
-        positions=args.positions,
-    ).resolved()
-
-
-def _optional_int(value: str):
-    if value.lower() in ("none", "null", "inf", ""):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or none, got {value!r}")
-
-
-def _label(value: str) -> tuple[str, str]:
-    if "=" not in value:
-        raise argparse.ArgumentTypeError(f"--label expects KEY=VALUE, got {value!r}")
-    key, val = value.split("=", 1)
-    return key, val
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate (policy, sample) cells: NLL, PPL, memory, cache trace")
-    p.add_argument("--model", required=True, help="model directory or Hugging Face Hub id")
-    p.add_argument("--tokens", required=True, nargs="+",
-                   help="1-D .npy of int token ids; several equal-length samples are evaluated as one batch")
-    p.add_argument("--policy", required=True, choices=POLICY_TYPES)
-    p.add_argument("--n-sink", type=int, default=4, help="S: attention-sink tokens never evicted (sink)")
-    p.add_argument("--window-size", type=int, default=None, help="W: most recent tokens kept (window, sink with fixed budget)")
-    p.add_argument("--compress-every", type=int, default=1, help="R: evict only when overflow >= R (lazy pruning)")
-    p.add_argument("--cache-slack", type=int, default=0, help="sigma: overflow allowed to remain after an event")
-    p.add_argument("--max-drop", type=_optional_int, default=None, help="delta: most tokens one event removes (none = no cap)")
-    p.add_argument("--budget-mode", choices=("fixed", "cap"), default="fixed")
-    p.add_argument("--cap", type=int, default=None, help="recompute window / prefill length; the peak length in budget mode cap")
-    p.add_argument("--positions", choices=("relative", "absolute"), default="relative")
-    p.add_argument("--recompute-every", type=int, default=1,
-                   help="recompute only: score every k-th decode target (the others are NaN in the .nll.npy)")
-    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
-    p.add_argument("--warmup", type=int, default=8, help="decode steps left out of the timing statistics")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
-                   help="fixed-shape decode steps replayed from a CUDA graph (window/sink; auto: on CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", type=_label, action="append", default=[], help="KEY=VALUE stored under 'cell' in the JSON")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on a terminal")
-    p.add_argument("--out", required=True, nargs="+",
-                   help="cell JSON path, one per --tokens file; the per-target NLL goes beside it as <cell>.nll.npy")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    from kvstream.data import atomic_path
-    from kvstream.models import load_model, resolve_device, resolve_dtype
-
-    # Everything that can be checked without the model is checked first.
-    outs = [Path(o) for o in args.out]
-    if len(outs) != len(args.tokens):
-        raise KVStreamError(f"--out names {len(outs)} cell(s) but --tokens {len(args.tokens)}: give one --out per --tokens file")
-    if len(set(outs)) != len(outs):
-        raise KVStreamError("--out: the same path is given twice")
-    for out in outs:
-        if not str(out).endswith(".json"):
-            raise KVStreamError(f"--out {out}: must end in .json")
-    labels = dict(args.label)
-    if len(outs) > 1 and "sample" in labels:
-        raise KVStreamError("--label sample=...: with several cells the sample label is each --out file's name (s0.json -> s0)")
-    if args.warmup < 0:
-        raise KVStreamError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        raise KVStreamError(f"--threads must be >= 1, got {args.threads}")
-    policy = policy_from_args(args)
-    samples = [load_tokens(t, args.max_tokens) for t in args.tokens]
-    check_cell_inputs(samples, policy, args.recompute_every, names=list(args.tokens))
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    model, _ = load_model(args.model, device=device, dtype=dtype)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    for path, tokens in zip(args.tokens, samples):
-        if int(tokens.max()) >= vocab:
-            raise KVStreamError(
-                f"--tokens {path}: token id {int(tokens.max())} is out of the model's vocabulary ({vocab}): "
-                "were the tokens made with this model's tokenizer?"
-            )
-    graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
-    results = run_cells(model, samples, policy, warmup=args.warmup, progress=args.progress, cuda_graphs=graphs,
-                        recompute_every=args.recompute_every)
-    for out, path, tokens, result in zip(outs, args.tokens, samples, results):
+    for out, result, prov in zip(outs, results, provenances):
         cell_labels = dict(labels)
         if len(outs) > 1:
             cell_labels["sample"] = out.name[: -len(".json")]
         record = {"cell": cell_labels}
-        record.update(summarize(result, policy, args.warmup))
-        record["provenance"] = provenance(args, policy, device, dtype, len(tokens), tokens_file=path)
+        record.update(summarize(result, policy, warmup))
+        record["provenance"] = prov
         with atomic_path(nll_path(out)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, result.nll)
@@ -570,4 +313,3 @@ def main(args: argparse.Namespace) -> int:
             f"peak {result.peak_memory_mb:.0f} MB -> {out}",
             file=sys.stderr,
         )
-    return 0

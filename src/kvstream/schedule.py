@@ -8,6 +8,7 @@ n = max(min(overflow, delta), L - (C + sigma)) tokens, the oldest non-sink ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from kvstream.errors import KVStreamError
@@ -29,7 +30,7 @@ class Policy:
     """
 
     type: str
-    n_sink: int = 0
+    n_sink: int = 4  # StreamingLLM's default; 0 for every type but sink (resolved())
     window_size: int | None = None
     compress_every: int = 1
     cache_slack: int = 0
@@ -108,7 +109,9 @@ class Policy:
         if p.type in ("recompute", "dense"):
             if p.cap is None:
                 raise KVStreamError(f"cap is required for policy type {p.type} (the recompute window / prefill length): set cap >= 1")
-            return p
+            # knobs of the eviction schedule do not apply: record them at their neutral values
+            return dataclasses.replace(p, n_sink=0, window_size=None, compress_every=1, cache_slack=0, max_drop=None,
+                                       budget_mode="fixed")
         if p.type == "window":
             _check_int("window_size", p.window_size, minimum=1)
             return dataclasses.replace(p, n_sink=0, compress_every=1, cache_slack=0, max_drop=None, budget_mode="fixed")
@@ -189,3 +192,44 @@ def eviction_events(policy: Policy, n_tokens: int) -> list[tuple[int, int]]:
             events.append((step, removed))
         previous = length
     return events
+
+
+# --- the steady state (what speed and bench time) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    transient: int  # decode steps after the prefill before the periodic part starts
+    period: int
+    events_per_period: int
+    lengths: tuple[int, ...]  # forward lengths over one period, from the cycle's start
+
+
+def steady_schedule(policy: Policy) -> Schedule:
+    """The steady-state period of a policy's cache-length sequence (period 1 without eviction)."""
+    policy = policy.resolved()
+    if not policy.evicts:
+        return Schedule(0, 1, 0, (policy.cap,))
+    # The next length depends only on the current one (prefill included: decode step i goes from
+    # seq[i] to seq[i + 1]) and never exceeds max_forward_len, so seq is periodic within
+    # max_forward_len + 1 steps: the first repeated length closes the cycle, and the distance back
+    # to its first occurrence is the smallest period. Steps from the cycle's start on repeat both
+    # their lengths and their events (an event: a length other than the previous one + 1).
+    seq = [policy.budget] + cache_lengths(policy, policy.budget + 1 + 2 * (policy.max_forward_len + 1))
+    first: dict[int, int] = {}
+    for i, length in enumerate(seq):
+        if length in first:
+            start = first[length]
+            states = seq[start:i]
+            events = sum(states[j] + 1 != states[(j + 1) % len(states)] for j in range(len(states)))
+            return Schedule(start, len(states), events, tuple(seq[start + 1 : i + 1]))
+        first[length] = i
+    raise RuntimeError("internal error: no period found in the schedule")
+
+
+def timed_window(schedule: Schedule, min_steps: int, min_events: int) -> int:
+    """Smallest whole number of periods with >= min_steps steps and >= min_events events (if it evicts)."""
+    periods = math.ceil(min_steps / schedule.period)
+    if schedule.events_per_period:
+        periods = max(periods, math.ceil(min_events / schedule.events_per_period))
+    return periods * schedule.period

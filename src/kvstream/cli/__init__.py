@@ -1,7 +1,8 @@
-"""`kvstream` command line: one subcommand per module, each module adds its own parser.
+"""`kvstream` command line: every command is registered here, from the modules of this package.
 
-A module listed in SUBCOMMANDS provides `add_parser(subparsers)`, which registers its subcommand(s)
-and sets `func` (called with the parsed args; returns an exit code or None).
+A module listed in SUBCOMMANDS (kvstream.cli.<job>) provides `add_parser(subparsers)`, which registers
+its subcommand(s) and sets `func` (called with the parsed args; returns an exit code or None). The
+library modules hold no argument parsing: a command module turns arguments into library calls.
 Modules are imported lazily so `kvstream --help` stays fast and a missing optional dependency only
 breaks the command that needs it.
 """
@@ -15,11 +16,11 @@ import sys
 from kvstream.errors import KVStreamError
 
 SUBCOMMANDS = [
-    "kvstream.evaluate",  # eval
-    "kvstream.data",  # fetch-text, prepare-model, tokenize
-    "kvstream.bench",  # bench
-    "kvstream.speed",  # speed
-    "kvstream.report",  # aggregate, tables, figures, macros
+    "kvstream.cli.eval",  # eval
+    "kvstream.cli.data",  # fetch-text, prepare-model, tokenize
+    "kvstream.cli.bench",  # bench
+    "kvstream.cli.speed",  # speed
+    "kvstream.cli.study",  # aggregate, tables, figures, macros
 ]
 
 
