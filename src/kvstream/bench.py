@@ -29,7 +29,7 @@ import torch
 from kvstream.errors import KVStreamError
 from kvstream.decode import Decoder, StepTimer
 from kvstream.provenance import device_name
-from kvstream.schedule import Policy, steady_schedule, timed_window
+from kvstream.schedule import Policy, eviction_size, steady_schedule, timed_window
 from kvstream.tiny import TINY_ARCHITECTURES
 
 SHAPES = {
@@ -83,21 +83,16 @@ class NaiveSinkCache:
         return self.cache.get_seq_length()
 
     def evict(self) -> None:
-        overflow = self.length() - self.budget
-        if overflow <= 0 or overflow < self.compress_every:
+        overflow = eviction_size(self.length(), self.budget, self.compress_every, 0, None)  # all the overflow
+        if not overflow:
             return
         self.events += 1
         s = self.n_sink
-        rotary = self.rotary if self.rotary.inv_freq.device == self.cache.layers[0].keys.device else None
-        if rotary is None:
-            self.rotary = rotary = self.rotary.to(self.cache.layers[0].keys.device)
+        if self.rotary.inv_freq.device != self.cache.layers[0].keys.device:
+            self.rotary = self.rotary.to(self.cache.layers[0].keys.device)
         for layer in self.cache.layers:
             kept_k = layer.keys[:, :, s + overflow :]
-            cos, sin = (x.to(kept_k.dtype) for x in rotary.cos_sin(-overflow))  # in the cache dtype
-            rd = rotary.rotary_ndims
-            xr = kept_k[..., :rd]
-            rot = torch.cat([-xr[..., rd // 2 :], xr[..., : rd // 2]], dim=-1)
-            kept_k = torch.cat([xr * cos + rot * sin, kept_k[..., rd:]], dim=-1)
+            kept_k = self.rotary.rotate(kept_k, -overflow, work=kept_k.dtype)  # in the cache dtype
             layer.keys = torch.cat([layer.keys[:, :, :s], kept_k], dim=-2)
             layer.values = torch.cat([layer.values[:, :, :s], layer.values[:, :, s + overflow :]], dim=-2)
 

@@ -64,11 +64,16 @@ class Rotary:
         angles = torch.cat([angles, angles])
         return angles.cos(), angles.sin()
 
-    def rotate(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
-        """keys rotated by `delta` positions (last dim = head_dim), same dtype, rounded once."""
+    def rotate(self, keys: torch.Tensor, delta: int, work: torch.dtype | None = None) -> torch.Tensor:
+        """keys rotated by `delta` positions (last dim = head_dim), same dtype, rounded once.
+
+        work: the arithmetic's dtype; default float64 (float32 for half-precision keys). The naive
+        reference of `kvstream bench` passes the cache dtype, as the original implementation did.
+        """
         if delta == 0:
             return keys
-        work = torch.float64 if keys.dtype == torch.float32 or keys.dtype == torch.float64 else torch.float32
+        if work is None:
+            work = torch.float64 if keys.dtype in (torch.float32, torch.float64) else torch.float32
         cos, sin = self.cos_sin(delta)
         cos, sin = cos.to(work), sin.to(work)
         rd = self.rotary_ndims
