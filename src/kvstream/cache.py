@@ -1,6 +1,6 @@
 """A streaming KV cache for transformers 5.x: attention sinks, lazy pruning, slack and max-drop.
 
-Design (see method.md):
+Design (docs/method.md, "Positions"):
 
 * One preallocated tensor holds every layer's keys, another the values: [layers, batch, kv_heads,
   slots, head_dim]. Layer i attends over the first L slots of its slice. Slots are not kept in
@@ -137,7 +137,7 @@ class StreamingCacheLayer(CacheLayerMixin):
 
 
 class StreamingCache(Cache):
-    """KV cache implementing the `dense`, `window` and `sink` policies of method.md.
+    """KV cache implementing the `dense`, `window` and `sink` policies of docs/method.md.
 
     Args:
         model: the transformers model (its config and rotary embedding are read; nothing is changed).

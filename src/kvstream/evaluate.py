@@ -1,6 +1,6 @@
 """Quality cells: the decode loop over a batch of samples, per-target NLL, the cell JSON.
 
-method.md, "Prefill and the decode loop": prefill feeds x_0 .. x_{P-1} in one forward and scores
+docs/method.md, "Prefill and the decode loop": prefill feeds x_0 .. x_{P-1} in one forward and scores
 x_1 .. x_P; decode feeds x_P, x_{P+1}, ... one token per step and scores the next one. Every policy
 scores the same N - 1 targets and no token is fed twice. Only the forward and the cache
 maintenance are timed (device synchronised, CUDA events on a GPU); the loss is computed outside

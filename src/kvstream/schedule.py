@@ -1,6 +1,6 @@
 """Policies and their eviction schedule, as pure functions (no model, no torch).
 
-method.md, "The `sink` schedule": after each forward the cache holds L tokens (the new one included),
+docs/method.md, "The `sink` schedule": after each forward the cache holds L tokens (the new one included),
 overflow = L - C with budget C = S + W. An eviction event happens when overflow >= R and removes
 n = max(min(overflow, delta), L - (C + sigma)) tokens, the oldest non-sink ones.
 """
@@ -61,7 +61,7 @@ class Policy:
         return self.budget + max(self.compress_every, self.cache_slack + 1)
 
     def prefill_len(self, n_tokens: int) -> int:
-        """P: tokens fed in the prefill forward (method.md: min(C, N) or min(cap, N))."""
+        """P: tokens fed in the prefill forward (docs/method.md: min(C, N) or min(cap, N))."""
         limit = self.budget if self.evicts else self.cap
         return min(limit, n_tokens)
 
