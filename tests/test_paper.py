@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from kvstream import figures, report
-from test_report import make_experiment, speed_of
+from kvstream.study import aggregate as study_aggregate
+from kvstream.study import figures, macros, tables
+from kvstream.study.latex import write_text
+from test_report import LABELS, ROLES, make_experiment, speed_of
+from test_report import PAPER as PAPER_BLOCK  # the config's paper: block (PAPER here is the paper folder)
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "paper"
@@ -37,10 +40,10 @@ def generate(root: Path, experiments: dict[str, list[str]]) -> Path:
     cells = make_experiment(root, policies, n_samples=3, n_tokens=96)
     aggs = {}
     for name, pols in experiments.items():
-        agg = report.aggregate([c for c in cells if c.parent.name in pols], experiment=name, policies=pols,
-                               n_boot=500, speed=speed_of(root))
-        report.write_aggregate(agg, root / "results" / "aggregate" / f"{name}.json")
-        aggs[name] = report.read_aggregate(root / "results" / "aggregate" / f"{name}.json")
+        agg = study_aggregate.aggregate([c for c in cells if c.parent.name in pols], experiment=name, policies=pols,
+                                        n_boot=500, speed=speed_of(root), labels=LABELS, **ROLES[name])
+        study_aggregate.write_aggregate(agg, root / "results" / "aggregate" / f"{name}.json")
+        aggs[name] = study_aggregate.read_aggregate(root / "results" / "aggregate" / f"{name}.json")
     paper = root / "paper"
     shutil.copytree(PAPER, paper, ignore=shutil.ignore_patterns("generated", "*.pdf", "*.aux", "*.log", "*.bbl",
                                                                  "*.blg", "*.fls", "*.fdb_latexmk", "*.out"))
@@ -50,16 +53,11 @@ def generate(root: Path, experiments: dict[str, list[str]]) -> Path:
                                                  {"name": "Bob Writer", "affiliation": "Other Lab", "email": ""}],
               "model": {"name": "tiny", "source": "test", "dtype": "float32"},
               "datasets": {"toy": {"source": "txt", "n_samples": 3, "tokens_per_sample": 96}},
-              "eval": {"cap": 16, "warmup": 2, "positions": "relative"}}
-    report.write_tables(aggs, gen / "tables", config)
-    report._atomic_write(gen / "macros.tex", report.macros_tex(aggs, config))
-    figdir = gen / "figures"
-    figures.tradeoff(aggs, figdir)
-    for name, agg in aggs.items():
-        if name.startswith("sweep"):
-            figures.sweep(agg, name, figdir)
-    figures.cache_trace(cells, figdir)
-    figures.nll_along(cells, figdir)
+              "eval": {"cap": 16, "warmup": 2, "positions": "relative"},
+              "experiments": {name: ROLES[name] for name in experiments}, "paper": PAPER_BLOCK}
+    tables.write_tables(aggs, gen / "tables", config)
+    write_text(gen / "macros.tex", macros.macros_tex(aggs, config))
+    figures.all_figures(aggs, cells, gen / "figures", paper=PAPER_BLOCK)
     return paper
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvstream import report
+from kvstream.errors import KVStreamError
+from kvstream.study import aggregate as study_aggregate
+from kvstream.study import latex, macros, tables
+from kvstream.study.bootstrap import contrast
 
 # ------------------------------------------------------------------------------ synthetic cells
 PRESETS = {
@@ -37,6 +40,18 @@ PRESETS = {
 }
 
 
+# The config's `paper:` block for these policies (display names and macro stems of the presets).
+LABELS = {"recompute": "Full recomputation", "dense": "Dense (no eviction)", "window": "Window (no sinks)",
+          "mit_streaming": "StreamingLLM", "ours_eager": "Ours (Eager)", "ours_best": "Ours (Best)",
+          "ours_softlite": "Ours (Softlite)"}
+PAPER = {"baseline": "mit_streaming", "eager": "ours_eager", "presets": ["ours_best", "ours_softlite"],
+         "labels": LABELS,
+         "stems": {"recompute": "Recompute", "dense": "Dense", "window": "WindowOnly", "mit_streaming": "Mit",
+                   "ours_eager": "Eager", "ours_best": "Best", "ours_softlite": "Softlite"}}
+# Roles (and knobs) of the experiments these tests build, as config `experiments.<name>`.
+ROLES = {"table1": {"role": "main"}, "table2": {"role": "ablation"},
+         "sweep_compress_every": {"role": "sweep", "knob": "compress_every"}}
+
 _SPEED: dict[str, dict[str, list[float]]] = {}
 
 
@@ -58,7 +73,12 @@ def speed_of(root: Path) -> Path:
 
 
 def aggregate(root: Path, paths, **kwargs) -> dict:
-    return report.aggregate(paths, speed=speed_of(root), **kwargs)
+    """Aggregate as the pipeline does: the speed run of root, the configured labels, and the role and
+    knob of a known experiment name."""
+    kwargs.setdefault("labels", LABELS)
+    for key, value in ROLES.get(kwargs.get("experiment"), {}).items():
+        kwargs.setdefault(key, value)
+    return study_aggregate.aggregate(paths, speed=speed_of(root), **kwargs)
 
 
 def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: float, *,
@@ -173,10 +193,10 @@ def test_single_sample_interval_is_degenerate(tmp_path):
     assert math.isfinite(r["ppl_increase_percent"])
     assert math.isnan(r["ppl_increase_percent_lo"]) and math.isnan(r["speedup_hi"])
     assert "single sample" in r["ci_note"] and agg["n_boot"] == 0
-    report.write_aggregate(agg, tmp_path / "a.json", tmp_path / "a.csv")
-    back = report.read_aggregate(tmp_path / "a.json")
+    study_aggregate.write_aggregate(agg, tmp_path / "a.json", tmp_path / "a.csv")
+    back = study_aggregate.read_aggregate(tmp_path / "a.json")
     assert math.isnan(back["policies"]["mit_streaming"]["speedup_lo"])
-    table = report.experiment_table(back, "table1")
+    table = tables.experiment_table(back, "table1")
     assert r"\ci{" not in table  # no fake interval printed
     assert "1 sample: no PPL interval" in table
 
@@ -190,14 +210,14 @@ def test_only_shared_samples_are_used(tmp_path):
 
 def test_missing_policy_is_an_error(tmp_path):
     paths = make_experiment(tmp_path, ["recompute"], n_samples=2)
-    with pytest.raises(report.KVStreamError, match="ours_best"):
+    with pytest.raises(KVStreamError, match="ours_best"):
         aggregate(tmp_path, paths, experiment="t", policies=["recompute", "ours_best"])
 
 
 def test_csv_json_outputs(tmp_path):
     paths = make_experiment(tmp_path, ["recompute", "mit_streaming"], n_samples=2)
     agg = aggregate(tmp_path, paths, experiment="table1", policies=["recompute", "mit_streaming"])
-    report.write_aggregate(agg, tmp_path / "agg.json", tmp_path / "agg.csv")
+    study_aggregate.write_aggregate(agg, tmp_path / "agg.json", tmp_path / "agg.csv")
     data = json.loads((tmp_path / "agg.json").read_text())
     assert data["policies"]["mit_streaming"]["metrics"]["speedup"] == pytest.approx(agg["policies"]["mit_streaming"]["speedup"])
     import pandas as pd
@@ -221,13 +241,13 @@ def _all_aggs(root: Path) -> dict:
 
 def test_tables_and_macros(tmp_path):
     aggs = _all_aggs(tmp_path)
-    files = report.write_tables(aggs, tmp_path / "tables", config={"eval": {"cap": 16}})
+    files = tables.write_tables(aggs, tmp_path / "tables", config={"eval": {"cap": 16}, "paper": PAPER})
     names = sorted(p.name for p in files)
     assert names == ["reproduction.tex", "setup.tex", "sweep_compress_every.tex", "table1.tex", "table2.tex"]
     t1 = (tmp_path / "tables" / "table1.tex").read_text()
     assert r"\toprule" in t1 and r"\bottomrule" in t1
     best = aggs["table1"]["policies"]["ours_best"]
-    assert report.fmt(best["speedup"]) in t1 and report.fmt(best["ppl_increase_percent"], 2, True) in t1
+    assert latex.fmt(best["speedup"]) in t1 and latex.fmt(best["ppl_increase_percent"], 2, True) in t1
     assert "Ours (Best, R=8)" in t1  # the label takes R from the data
     sweep = (tmp_path / "tables" / "sweep_compress_every.tex").read_text()
     assert sweep.index("sweep\\_r2") if "sweep\\_r2" in sweep else True
@@ -241,9 +261,10 @@ def test_tables_and_macros(tmp_path):
 
     cfg = {"title": "A & B", "authors": [{"name": "Ann", "affiliation": "Uni", "email": "a@b.c"},
                                          {"name": "Bo", "affiliation": "Lab", "email": ""}],
-           "eval": {"cap": 16, "warmup": 2, "positions": "relative"}, "model": {"name": "tiny"}}
-    tex = report.macros_tex(aggs, cfg)
-    assert r"\newcommand{\SpeedupBest}{" + report.fmt(best["speedup"]) + "}" in tex
+           "eval": {"cap": 16, "warmup": 2, "positions": "relative"}, "model": {"name": "tiny"},
+           "experiments": ROLES, "paper": PAPER}
+    tex = macros.macros_tex(aggs, cfg)
+    assert r"\newcommand{\SpeedupBest}{" + latex.fmt(best["speedup"]) + "}" in tex
     assert r"\newcommand{\KvTitle}{A \& B}" in tex
     assert r"Ann \\ Uni \\ \texttt{a@b.c} \And Bo \\ Lab" in tex
     assert r"\haveTableOnetrue" in tex and r"\haveWikitextfalse" in tex
@@ -268,24 +289,25 @@ def test_delta_at_sigma_zero_identical_nll_detected(tmp_path):
             paths.append(make_cell(tmp_path, pol, i, nll + 0.05 * (i + 1), 10.0))
     agg = aggregate(tmp_path, paths, experiment="table2",
                            policies=["recompute", "abl_s0_dnull", "abl_s4_dnull", "abl_s0_d8", "ours_softlite"])
-    tex = report.macros_tex({"table2": agg}, {})
+    tex = macros.macros_tex({"table2": agg}, {})
     assert "bit-identical" in tex
-    c = report.contrast(agg, {"ours_softlite": 1, "abl_s4_dnull": -1, "abl_s0_d8": -1, "abl_s0_dnull": 1})
+    c = contrast(agg, {"ours_softlite": 1, "abl_s4_dnull": -1, "abl_s0_d8": -1, "abl_s0_dnull": 1})
     assert c["value"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_macro_stem():
-    assert report.macro_stem("ours_best") == "Best"
-    assert report.macro_stem("abl_s16_d32") == "AblSOneSixDThreeTwo"
-    assert report.macro_stem("table1") == "TableOne"
-    assert report.macro_stem("sweep_compress_every") == "SweepCompressEvery"
+    assert latex.macro_stem("ours_best", PAPER["stems"]) == "Best"  # the configured stem
+    assert latex.macro_stem("ours_best") == "OursBest"  # else the CamelCase name
+    assert latex.macro_stem("abl_s16_d32") == "AblSOneSixDThreeTwo"
+    assert latex.macro_stem("table1") == "TableOne"
+    assert latex.macro_stem("sweep_compress_every") == "SweepCompressEvery"
 
 
 def test_fmt():
-    assert report.fmt(float("nan")) == "--"
-    assert report.fmt(-1.234) == r"\textminus{}1.23"
-    assert report.fmt(2.5, 1, signed=True) == "+2.5"
-    assert report.fmt(-0.001) == "0.00"
+    assert latex.fmt(float("nan")) == "--"
+    assert latex.fmt(-1.234) == r"\textminus{}1.23"
+    assert latex.fmt(2.5, 1, signed=True) == "+2.5"
+    assert latex.fmt(-0.001) == "0.00"
 
 
 def test_cli_aggregate_tables_macros(tmp_path):
@@ -295,9 +317,12 @@ def test_cli_aggregate_tables_macros(tmp_path):
     out = tmp_path / "agg" / "table1.json"
     with pytest.raises(SystemExit) as exc:
         cli.main(["aggregate", *map(str, paths), "--experiment", "table1", "--policies", "recompute", "mit_streaming",
-                  "--speed", str(speed_of(tmp_path)), "--json", str(out), "--csv", str(tmp_path / "agg" / "table1.csv")])
+                  "--speed", str(speed_of(tmp_path)), "--json", str(out), "--csv", str(tmp_path / "agg" / "table1.csv"),
+                  "--role", "main", "--label", "mit_streaming=StreamingLLM"])
     assert exc.value.code == 0
-    assert json.loads(out.read_text())["policies"]["mit_streaming"]["metrics"]["speedup"] > 1
+    data = json.loads(out.read_text())
+    assert data["policies"]["mit_streaming"]["metrics"]["speedup"] > 1 and data["role"] == "main"
+    assert data["policies"]["mit_streaming"]["label"] == "StreamingLLM (S=4, R=1)"
     with pytest.raises(SystemExit):
         cli.main(["tables", str(out), "--out-dir", str(tmp_path / "tables")])
     with pytest.raises(SystemExit):
@@ -307,18 +332,18 @@ def test_cli_aggregate_tables_macros(tmp_path):
 
 def test_setup_table_reads_provenance(tmp_path):
     aggs = _all_aggs(tmp_path)
-    tex = report.setup_table(aggs, {"eval": {"cap": 16, "positions": "relative", "warmup": 2},
+    tex = tables.setup_table(aggs, {"eval": {"cap": 16, "positions": "relative", "warmup": 2},
                                     "model": {"name": "tiny", "source": "embedded:tiny-llama"}})
     for value in ("TestCPU", "2.13.0", "5.24.0", "0123456789ab", "float32", "embedded:tiny-llama"):
         assert value in tex, value
 
 
 def test_figures_written_as_pdf_and_png(tmp_path):
-    from kvstream import figures
+    from kvstream.study import figures
 
     aggs = _all_aggs(tmp_path)
     cells = sorted((tmp_path / "results" / "cells").rglob("s*.json"))
-    out = figures.all_figures(aggs, cells, tmp_path / "fig", extra_dirs=[tmp_path / "paperfig"])
+    out = figures.all_figures(aggs, cells, tmp_path / "fig", extra_dirs=[tmp_path / "paperfig"], paper=PAPER)
     names = {p.name for p in out}
     for stem in ("tradeoff", "sweep_compress_every", "cache_trace", "nll_along"):
         assert f"{stem}.pdf" in names and f"{stem}.png" in names
@@ -328,7 +353,7 @@ def test_figures_written_as_pdf_and_png(tmp_path):
 
 def test_cache_trace_plots_the_measured_trace(tmp_path):
     """The figure must take its data from trace.cache_len of the cells, not from the schedule."""
-    from kvstream import figures
+    from kvstream.study import figures
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,5 +428,92 @@ def test_reused_cells_keep_their_own_policy_block(tmp_path):
     assert cell["policy"]["cache_slack"] == 4 and cell["policy"]["max_drop"] == 4
     assert cell["cell"]["policy"] == "ours_softlite" and cell["reused_from"]["policy"] == "abl_s0_dnull"
     assert np.load(tmp_path / "reused" / "s0.nll.npy").tobytes() == np.load(src.with_suffix("").with_suffix(".nll.npy")).tobytes()
-    with pytest.raises(report.KVStreamError, match="another cache-length trace"):
+    with pytest.raises(KVStreamError, match="another cache-length trace"):
         reuse_cells([src], [tmp_path / "bad.json"], dict(a, compress_every=2), "x", "abl_s0_dnull")
+
+
+def _renamed_aggs(root: Path, exp_names: dict[str, str], pol_names: dict[str, str]) -> dict:
+    """_all_aggs with experiments and policies renamed (same cells, same roles)."""
+    t1 = ["recompute", "mit_streaming", "ours_eager", "ours_best", "ours_softlite", "window"]
+    t2 = ["recompute", "abl_s0_dnull", "abl_s4_dnull", "abl_s0_d8", "ours_softlite"]
+    sw = ["recompute", "ours_eager", "sweep_r2", "ours_softlite", "ours_best"]
+    for old, new in pol_names.items():
+        PRESETS.setdefault(new, PRESETS[old])
+    rn = [pol_names.get(p, p) for p in sorted(set(t1 + t2 + sw))]  # same order: same synthetic values
+    paths = make_experiment(root, rn, n_samples=3)
+    labels = {pol_names.get(p, p): v for p, v in LABELS.items()}
+    out = {}
+    for name, pols in (("table1", t1), ("table2", t2), ("sweep_compress_every", sw)):
+        pols = [pol_names.get(p, p) for p in pols]
+        out[exp_names.get(name, name)] = aggregate(
+            root, [p for p in paths if p.parent.name in pols], experiment=exp_names.get(name, name), policies=pols,
+            labels=labels, **ROLES[name])
+    return out
+
+
+def _newcommands(tex: str) -> dict[str, str]:
+    import re
+
+    return dict(re.findall(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\}$", tex, flags=re.M))
+
+
+def test_roles_not_names_drive_tables_and_macros(tmp_path):
+    """Renaming the experiments and the paper's policies, with the same roles and paper block, gives the
+    same table bodies and macro values (macros named after an experiment follow its new name)."""
+    exp_names = {"table1": "main_results", "table2": "slack_drop", "sweep_compress_every": "r_sweep"}
+    pol_names = {"mit_streaming": "streaming", "ours_eager": "eager", "ours_best": "best",
+                 "ours_softlite": "softlite", "window": "sliding"}
+
+    def config(rename):
+        p, e = (pol_names, exp_names) if rename else ({}, {})
+        paper = {"baseline": p.get("mit_streaming", "mit_streaming"), "eager": p.get("ours_eager", "ours_eager"),
+                 "presets": [p.get(x, x) for x in PAPER["presets"]],
+                 "labels": {p.get(k, k): v for k, v in LABELS.items()},
+                 "stems": {p.get(k, k): v for k, v in PAPER["stems"].items()}}
+        return {"eval": {"cap": 16}, "paper": paper, "experiments": {e.get(k, k): v for k, v in ROLES.items()}}
+
+    before = _all_aggs(tmp_path / "a")
+    after = _renamed_aggs(tmp_path / "b", exp_names, pol_names)
+    for old, new in exp_names.items():
+        a, b = tables.experiment_table(before[old], old), tables.experiment_table(after[new], new)
+        assert a[a.index(r"\begin{tabular}"):] == b[b.index(r"\begin{tabular}"):], old
+    assert tables.reproduction_table(before, config(False)) == tables.reproduction_table(after, config(True))
+    mit_row = next(line for line in tables.reproduction_table(after, config(True)).splitlines()
+                   if line.startswith("MIT StreamingLLM"))
+    assert latex.fmt(after["main_results"]["policies"]["streaming"]["speedup"]) in mit_row  # matched by its stem
+    old_macros = _newcommands(macros.macros_tex(before, config(False)))
+    new_macros = _newcommands(macros.macros_tex(after, config(True)))
+    for old, new in exp_names.items():
+        old_stem, new_stem = latex.macro_stem(old), latex.macro_stem(new)
+        old_macros = {k.replace(old_stem, new_stem) if k.endswith(old_stem) else k: v for k, v in old_macros.items()}
+    assert old_macros == new_macros
+    assert new_macros["BestVsMitPplDiff"] != "n/a" and new_macros["SweepRHigh"] == "8"
+
+
+def test_aggregates_and_configs_without_roles_still_render(tmp_path):
+    """Aggregates written before roles existed and configs without a paper block: names stand in."""
+    paths = make_experiment(tmp_path, ["recompute", "mit_streaming", "ours_best"], n_samples=2)
+    agg = study_aggregate.aggregate(paths, experiment="table1", policies=["recompute", "mit_streaming", "ours_best"],
+                                    speed=speed_of(tmp_path))
+    assert agg["role"] == "other" and agg["knob"] is None
+    assert agg["policies"]["ours_best"]["label"] == "ours_best"
+    del agg["role"], agg["knob"]
+    table = tables.experiment_table(agg, "table1")
+    assert "Results of experiment" in table and r"ours\_best" in table
+    tex = macros.macros_tex({"table1": agg}, {})
+    assert r"\newcommand{\SpeedupOursBest}{" in tex and r"\haveTableOnetrue" in tex
+    repro = tables.reproduction_table({"table1": agg})  # no main role, no stems: nothing matched
+    assert r"MIT StreamingLLM & 6.86 & -- & 14.6 & --" in repro
+
+
+def test_policy_label_takes_knobs_from_the_parameters():
+    from kvstream.study.roles import policy_label
+
+    sink = dict(type="sink", n_sink=4, compress_every=1, cache_slack=0, max_drop=None, budget_mode="fixed")
+    assert policy_label("mit", sink, "StreamingLLM") == "StreamingLLM (S=4, R=1)"
+    lazy = dict(sink, n_sink=8, compress_every=8, cache_slack=4, max_drop=8)
+    assert policy_label("best", lazy, "Ours (Best)") == "Ours (Best, R=8)"
+    assert policy_label("best_cap", dict(lazy, budget_mode="cap"), "Ours (Best)") == "Ours (Best, R=8, cap)"
+    assert policy_label("w", {"type": "window", "window_size": 16}, "Window (no sinks)") == "Window (no sinks, W=16)"
+    assert policy_label("recompute", {"type": "recompute"}, "Full recomputation") == "Full recomputation"
+    assert policy_label("abl_s0", lazy) == "abl_s0"  # no label: the name

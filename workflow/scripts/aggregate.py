@@ -1,4 +1,4 @@
-"""Snakemake `script:` entry point of rule aggregate: pool one experiment's cells (kvstream.report)."""
+"""Snakemake `script:` entry point of rule aggregate: pool one experiment's cells (kvstream.study.aggregate)."""
 
 import sys
 from pathlib import Path
@@ -7,10 +7,10 @@ sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821  (snakemake is 
 from _log import logged, paths  # noqa: E402
 
 with logged(snakemake):  # noqa: F821
-    from kvstream import report
+    from kvstream.study.aggregate import aggregate, write_aggregate
 
     sm = snakemake  # noqa: F821
-    agg = report.aggregate(
+    agg = aggregate(
         paths(sm.input.cells),
         experiment=sm.wildcards.experiment,
         policies=list(sm.params.policies),
@@ -19,6 +19,9 @@ with logged(snakemake):  # noqa: F821
         seed=int(sm.params.seed),
         dataset=sm.params.dataset,
         speed=sm.input.speed,
+        role=sm.params.role,
+        knob=sm.params.knob,
+        labels=dict(sm.params.labels or {}),
     )
-    report.write_aggregate(agg, sm.output.json, sm.output.csv)
+    write_aggregate(agg, sm.output.json, sm.output.csv)
     print(f"{sm.wildcards.experiment}: {len(agg['policies'])} policies, {agg['n_samples']} samples -> {sm.output.json}")

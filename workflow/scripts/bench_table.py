@@ -8,8 +8,8 @@ sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _log import logged  # noqa: E402
 
 with logged(snakemake):  # noqa: F821
-    from kvstream.bench import latex_macros, latex_table, load_results
-    from kvstream.data import atomic_path
+    from kvstream.study.bench_table import latex_macros, latex_table, load_results
+    from kvstream.io import atomic_path
 
     sm = snakemake  # noqa: F821
     results = [r for path in sm.input for r in load_results(path)]

@@ -1,5 +1,5 @@
-"""Snakemake `script:` entry point of the figure rules (kvstream.figures): PDF + PNG in results/figures,
-the PDF also in paper/generated/figures."""
+"""Snakemake `script:` entry point of the figure rules (kvstream.study.figures): PDF + PNG in results/figures,
+the PDF also in paper/generated/figures. Point and legend labels come from the config's `paper:` block."""
 
 import shutil
 import sys
@@ -9,21 +9,24 @@ sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _log import logged, paths  # noqa: E402
 
 with logged(snakemake):  # noqa: F821
-    from kvstream import figures, report
+    from kvstream.study import figures
+    from kvstream.study.aggregate import load_aggregates
 
     sm = snakemake  # noqa: F821
     out_pdf = Path(sm.output.pdf)
     name = out_pdf.stem
     kind = sm.params.kind
+    paper = sm.config.get("paper")
     if kind == "tradeoff":
-        figures.tradeoff(report.load_aggregates(paths(sm.input.aggregate)), out_pdf.parent, name=name)
+        figures.tradeoff(load_aggregates(paths(sm.input.aggregate)), out_pdf.parent, name=name, paper=paper)
     elif kind == "sweep":
-        aggs = report.load_aggregates(paths(sm.input.aggregate))
+        aggs = load_aggregates(paths(sm.input.aggregate))
         figures.sweep(aggs[sm.wildcards.sweep], sm.wildcards.sweep, out_pdf.parent, name=name)
     elif kind == "cache_trace":
         figures.cache_trace(paths(sm.input.cells), out_pdf.parent, name=name)
     elif kind == "nll_along":
-        figures.nll_along(paths(sm.input.cells), out_pdf.parent, name=name, policies=list(sm.params.policies))
+        figures.nll_along(paths(sm.input.cells), out_pdf.parent, name=name, policies=list(sm.params.policies),
+                          paper=paper)
     else:
         raise ValueError(f"unknown figure kind {kind}")
     Path(sm.output.paper).parent.mkdir(parents=True, exist_ok=True)

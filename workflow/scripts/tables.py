@@ -1,4 +1,4 @@
-"""Snakemake `script:` entry point of the table rules (kvstream.report): one experiment's table, the
+"""Snakemake `script:` entry point of the table rules (kvstream.study.tables): one experiment's table, the
 reproduction table (ours beside the original's published numbers), or the setup table."""
 
 import sys
@@ -8,18 +8,21 @@ sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _log import logged, paths  # noqa: E402
 
 with logged(snakemake):  # noqa: F821
-    from kvstream import report
+    from kvstream.study import tables
+    from kvstream.study.aggregate import load_aggregates
+    from kvstream.study.latex import write_text
 
     sm = snakemake  # noqa: F821
-    aggs = report.load_aggregates(paths(sm.input.aggregate))
+    aggs = load_aggregates(paths(sm.input.aggregate))
+    config = dict(sm.params.config)
     kind = sm.params.kind
     if kind == "experiment":
-        text = report.experiment_table(aggs[sm.wildcards.experiment], sm.wildcards.experiment)
+        text = tables.experiment_table(aggs[sm.wildcards.experiment], sm.wildcards.experiment)
     elif kind == "reproduction":
-        text = report.reproduction_table(aggs)
+        text = tables.reproduction_table(aggs, config)
     elif kind == "setup":
-        text = report.setup_table(aggs, dict(sm.params.config))
+        text = tables.setup_table(aggs, config)
     else:
         raise ValueError(f"unknown table kind {kind}")
-    report._atomic_write(sm.output[0], text)
+    write_text(sm.output[0], text)
     print(f"wrote {sm.output[0]}")

@@ -4,19 +4,23 @@
 - `sweep_{experiment}`: PPL increase and speedup against the swept knob;
 - `cache_trace`: the MEASURED cache length (`trace.cache_len` of cells) over the first decode steps for
   sink policies with R = 1, 32, 64 (or whichever R values exist);
-- `nll_along`: per-token NLL (moving average) along the sequence for recompute, window and a sink policy.
+- `nll_along`: per-token NLL (moving average) along the sequence for the reference, the window cache and
+  the paper's baseline (or the first sink policy).
+
+Which experiment is which comes from its role, point labels from the config's `paper:` block (`roles`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from kvstream import report
+from kvstream.study.inputs import group_cells, load_nll, sample_order
+from kvstream.study.latex import fmt_knob
+from kvstream.study.roles import PaperPolicies, policy_label, role, sweep_knob, with_role
 
 FIGSIZE = (5.5, 3.2)
 # Colour-blind safe (Okabe-Ito)
@@ -61,25 +65,27 @@ def _err(rows, name):
     return v, np.vstack([np.maximum(lo, 0), np.maximum(hi, 0)])
 
 
-SHORT = {"recompute": "Recompute", "dense": "Dense", "window": "Window", "mit_streaming": "StreamingLLM",
-         "ours_eager": "Eager", "ours_best": "Best", "ours_softlite": "Softlite"}
+# Point groups of the trade-off figure: (roles, legend, marker); the first group is annotated.
+_GROUPS = ((("main",), "main presets", "o"), (("ablation",), r"$\sigma$/$\delta$ ablation", "s"),
+           (("sweep", "peak_matched", "sanity", "other"), "sweeps and other experiments", "^"))
 
 
-def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "tradeoff") -> list[Path]:
-    """Speedup vs PPL increase for all policies (each policy once: first experiment that has it).
-    A policy far outside the others' range (the sink-less window) is drawn at the edge with its value."""
+def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "tradeoff",
+             paper: Mapping | None = None) -> list[Path]:
+    """Speedup vs PPL increase for all policies (each policy once: first experiment that has it, the main
+    experiment first, then the ablation, then the rest by name). A policy far outside the others' range
+    (the sink-less window) is drawn at the edge with its value. paper: the config's `paper:` block."""
     plt = _plt()
+    short = PaperPolicies.from_config({"paper": paper}).short_name
     seen: dict[str, dict] = {}
-    order = ["table1", "table2"] + sorted(e for e in aggs if e not in ("table1", "table2"))
-    for exp in order:
-        agg = aggs.get(exp)
-        if not agg:
-            continue
+    first = with_role(aggs, "main") + with_role(aggs, "ablation")
+    for exp in first + sorted(e for e in aggs if e not in first):
+        agg = aggs[exp]
         for pol in agg["policies_order"]:
             r = agg["policies"][pol]
             if pol not in seen and not r.get("is_reference") and np.isfinite(r.get("speedup", np.nan)) \
                     and np.isfinite(r.get("ppl_increase_percent", np.nan)):
-                seen[pol] = dict(r, _exp=exp)
+                seen[pol] = dict(r, _role=role(agg))
     rows = list(seen.values())
     xs = np.array([r["ppl_increase_percent"] for r in rows]) if rows else np.zeros(0)
     # off-scale: more than 4x the spread of the rest away from their median
@@ -89,27 +95,25 @@ def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "t
         spread = np.percentile(np.abs(xs - med), 75) + 1e-9
         off = {r["policy"] for r in rows if abs(r["ppl_increase_percent"] - med) > 8 * spread + 1.0}
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    groups = [("table1", "main presets", "o"), ("table2", r"$\sigma$/$\delta$ ablation", "s"), ("sweep", "sweeps and other experiments", "^")]
-    for gi, (exp, lab, marker) in enumerate(groups):
-        sel = [r for r in rows if r["policy"] not in off and
-               (r["_exp"] == exp if exp != "sweep" else r["_exp"] not in ("table1", "table2"))]
+    for gi, (roles, lab, marker) in enumerate(_GROUPS):
+        sel = [r for r in rows if r["policy"] not in off and r["_role"] in roles]
         if not sel:
             continue
         x, xerr = _err(sel, "ppl_increase_percent")
         y, yerr = _err(sel, "speedup")
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, ms=4 if exp == "table1" else 3,
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, ms=4 if gi == 0 else 3,
                     color=COLORS[gi], ecolor=COLORS[gi], elinewidth=0.6, capsize=1.5, label=lab, alpha=0.9,
-                    zorder=3 if exp == "table1" else 2)
-        if exp == "table1":
+                    zorder=3 if gi == 0 else 2)
+        if gi == 0:
             for k, (r, xi, yi) in enumerate(sorted(zip(sel, x, y), key=lambda t: t[2])):
-                ax.annotate(SHORT.get(r["policy"], r["policy"]), (xi, yi), xytext=(5 if k % 2 else -5, 2),
+                ax.annotate(short(r), (xi, yi), xytext=(5 if k % 2 else -5, 2),
                             ha="left" if k % 2 else "right", textcoords="offset points", fontsize=6,
                             color=COLORS[0])
     ax.axvline(0, color="0.6", lw=0.6, ls=":")
     for r in rows:
         if r["policy"] in off:
             side = 1 if r["ppl_increase_percent"] > 0 else 0
-            ax.annotate(f"{SHORT.get(r['policy'], r['policy'])}: {r['ppl_increase_percent']:+.1f}%, "
+            ax.annotate(f"{short(r)}: {r['ppl_increase_percent']:+.1f}%, "
                         f"{r['speedup']:.2f}x (off scale)", xy=(side, r["speedup"]),
                         xycoords=("axes fraction", "data"), xytext=(-4 if side else 4, 0),
                         textcoords="offset points", ha="right" if side else "left", va="center", fontsize=6,
@@ -126,8 +130,9 @@ def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "t
 
 
 def sweep(agg: Mapping, experiment: str, out_dir, extra_dirs=(), name: str | None = None) -> list[Path]:
+    """PPL increase and speedup against the swept knob (configured, else the one that varies)."""
     plt = _plt()
-    knob = report.sweep_knob(experiment, agg) or "compress_every"
+    knob = sweep_knob(agg) or "compress_every"
     rows = [r for r in agg["policies"].values() if r.get("type") == "sink"]
     finite = [r for r in rows if r.get(knob) is not None]
     inf_rows = [r for r in rows if r.get(knob) is None]
@@ -146,7 +151,7 @@ def sweep(agg: Mapping, experiment: str, out_dir, extra_dirs=(), name: str | Non
         if xs and min(xs) > 0 and max(xs) / max(min(xs), 1e-9) >= 16:
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs)
-        ax.set_xticklabels([report.fmt_knob(x) for x in xs])
+        ax.set_xticklabels([fmt_knob(x) for x in xs])
         ax.set_xlabel(knob_label)
         ax.set_ylabel(ylab)
         if inf_rows:
@@ -158,19 +163,15 @@ def sweep(agg: Mapping, experiment: str, out_dir, extra_dirs=(), name: str | Non
     return out
 
 
-def _cells_by_policy(cell_paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, dict]]:
-    return report.group_cells(cell_paths)
-
-
 def cache_trace(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), name: str = "cache_trace",
                 r_values: Sequence[int] = (1, 32, 64), steps: int = 400) -> list[Path]:
     """The measured `trace.cache_len` of the first sample for one sink policy per R value (those that
     differ only in R are preferred: the family with most R values)."""
     plt = _plt()
-    by = _cells_by_policy(cell_paths)
+    by = group_cells(cell_paths)
     sinks = {}
     for pol, cells in by.items():
-        c = cells[sorted(cells, key=lambda s: (len(s), s))[0]]
+        c = cells[sample_order(cells)[0]]
         if c["policy"].get("type") == "sink" and (c.get("trace") or {}).get("cache_len"):
             sinks[pol] = c
     # family: same (S, W, sigma, delta); pick the one covering most requested R values
@@ -225,12 +226,26 @@ def moving_average(x: np.ndarray, k: int) -> np.ndarray:
         return np.where(count > 0, (c[k:] - c[:-k]) / np.maximum(count, 1), np.nan)
 
 
+def default_nll_policies(by: Mapping[str, Mapping[str, dict]], baseline: str | None = None) -> list[str]:
+    """The reference (a recompute policy), the first window cache, and the baseline (else the first sink)."""
+    def of_type(kind):
+        return [p for p, cells in by.items() if next(iter(cells.values()))["policy"].get("type") == kind]
+
+    out = of_type("recompute")[:1] + of_type("window")[:1]
+    out += [baseline] if baseline in by else of_type("sink")[:1]
+    return out
+
+
 def nll_along(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), name: str = "nll_along",
-              policies: Sequence[str] = ("recompute", "window", "mit_streaming"), smooth: int = 64) -> list[Path]:
+              policies: Sequence[str] | None = None, smooth: int = 64, paper: Mapping | None = None) -> list[Path]:
     """Per-token NLL along the sequence (mean over samples, then a moving average); lower panel: the
-    difference to the first policy (recompute) on the same targets."""
+    difference to the first policy (the reference) on the same targets. policies: default
+    `default_nll_policies`; paper: the config's `paper:` block (legend labels)."""
     plt = _plt()
-    by = _cells_by_policy(cell_paths)
+    by = group_cells(cell_paths)
+    pp = PaperPolicies.from_config({"paper": paper})
+    if policies is None:
+        policies = default_nll_policies(by, pp.baseline)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(FIGSIZE[0], 4.0), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 2]})
     prefill = None
@@ -241,15 +256,15 @@ def nll_along(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), n
         if pol not in by:
             continue
         cells = by[pol]
-        keys = sorted(cells, key=lambda s: (len(s), s))
-        arrs = [report.load_nll(cells[s]["_path"]) for s in keys]
+        keys = sample_order(cells)
+        arrs = [load_nll(cells[s]["_path"]) for s in keys]
         n = min(a.size for a in arrs)
         mean = np.mean([a[:n] for a in arrs], axis=0)
         k_used = k = min(smooth, max(1, n // 8))
         ma = moving_average(mean, k)
         x = np.arange(ma.size) + k
         c0 = cells[keys[0]]
-        lab = report.display_name(pol, c0["policy"])
+        lab = policy_label(pol, c0["policy"], pp.labels.get(pol))
         ax.plot(x, ma, lw=0.9, color=COLORS[i], label=lab)
         if base is None:
             base = (pol, mean)
@@ -257,7 +272,7 @@ def nll_along(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), n
             m = min(base[1].size, mean.size)
             d = moving_average(mean[:m] - base[1][:m], k)
             ax2.plot(np.arange(d.size) + k, d, lw=0.9, color=COLORS[i], label=f"{lab} - {base[0]}")
-        if pol != "recompute" and prefill is None:
+        if c0["policy"].get("type") != "recompute" and prefill is None:  # the reference has no prefill mark
             prefill = c0["policy"].get("prefill_len")
         n_s = max(n_s, len(arrs))
     for a in (ax, ax2):
@@ -267,7 +282,7 @@ def nll_along(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), n
         ax.text(prefill, ax.get_ylim()[1], " end of prefill", fontsize=6, va="top", color="0.4")
     ax2.axhline(0, color="0.6", lw=0.6)
     ax2.set_xlabel("target position in the sample")
-    ax.set_ylabel(f"NLL (nats)")
+    ax.set_ylabel("NLL (nats)")
     ax2.set_ylabel("difference (nats)")
     ax.set_title(f"Per-token NLL along the sequence (mean over {n_s} samples, moving average of {k_used})")
     ax.legend(frameon=False, fontsize=6)
@@ -280,12 +295,12 @@ def nll_along(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), n
 
 
 def all_figures(aggs: Mapping[str, Mapping], cell_paths: Sequence[str | os.PathLike], out_dir,
-                extra_dirs=()) -> list[Path]:
-    out = tradeoff(aggs, out_dir, extra_dirs)
-    for exp, agg in aggs.items():
-        if exp.startswith("sweep"):
-            out += sweep(agg, exp, out_dir, extra_dirs)
+                extra_dirs=(), paper: Mapping | None = None) -> list[Path]:
+    """The trade-off, one figure per sweep, and from the cells the cache trace and the NLL along the text."""
+    out = tradeoff(aggs, out_dir, extra_dirs, paper=paper)
+    for exp in with_role(aggs, "sweep"):
+        out += sweep(aggs[exp], exp, out_dir, extra_dirs)
     if cell_paths:
         out += cache_trace(cell_paths, out_dir, extra_dirs)
-        out += nll_along(cell_paths, out_dir, extra_dirs)
+        out += nll_along(cell_paths, out_dir, extra_dirs, paper=paper)
     return out
