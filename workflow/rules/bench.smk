@@ -2,44 +2,40 @@
 # together with GPU results committed under benchmarks/ (measured there by benchmarks/gpu_check.py:
 # CI and laptops have no GPU, so those numbers travel as data, with the card's name in them).
 
-BENCH = config.get("bench") or {}
-
-if BENCH.get("enabled", False):
+if config["bench"]["enabled"]:
 
     rule bench:
         output:
             json="results/bench/bench.json",
             md="results/bench/bench.md",
         params:
-            args=" ".join(
-                [f"--shape {s}" for s in BENCH.get("shapes", ["pythia-70m"])]
-                + [f"--budget {b}" for b in BENCH.get("budgets", [512])]
-                + [f"--steps {BENCH.get('steps', 32)} --warmup {BENCH.get('warmup', 4)}",
-                   f"--repeats {BENCH.get('repeats', 2)} --device {config['model'].get('device', 'auto')}"]
-                + ([f"--recompute-steps {BENCH['recompute_steps']}"] if BENCH.get("recompute_steps") else [])
+            args=shell_args(
+                *(("--shape", shape) for shape in config["bench"]["shapes"]),
+                *(("--budget", budget) for budget in config["bench"]["budgets"]),
+                *((f"--{key.replace('_', '-')}", config["bench"].get(key)) for key in ("steps", "warmup", "repeats")),
+                ("--device", config["model"]["device"]), ("--recompute-steps", config["bench"].get("recompute_steps")),
             ),
         log:
-            log_path("bench", "bench"),
+            "results/logs/bench/bench.log",
         threads: all_cores()  # alone on the machine: a timing run shares no core with other jobs
         resources:
-            **rule_resources("bench"),
-            **({"gpu": 1} if USE_CUDA else {}),
+            **PLAN.rule_resources("bench", gpu=True),
         conda:
             "../../envs/kvstream.yaml"
         shell:
-            "{KVSTREAM} bench {params.args} --threads 1 --out {output.json} > {log} 2>&1" + ON_FAILURE
+            logged("python -m kvstream bench {params.args} --threads 1 --out {output.json}")
 
     rule bench_table:
         input:
             "results/bench/bench.json",
-            *BENCH.get("gpu_results", []),
+            *config["bench"]["gpu_results"],
         output:
             "paper/generated/tables/bench.tex",
         log:
-            log_path("bench", "table"),
+            "results/logs/bench/table.log",
         threads: 1
         resources:
-            **rule_resources("report"),
+            **PLAN.rule_resources("report"),
         conda:
             "../../envs/report.yaml"
         script:

@@ -2,8 +2,6 @@
 # Inputs: the hand-written sources in paper/ and what report.smk generates under paper/generated/.
 # A change to paper/*.tex reruns only the PDFs; a change to a result reruns the generated files first.
 
-from pathlib import Path
-
 PAPER_SOURCES = sorted(
     str(p.relative_to(REPO)) for p in (REPO / "paper").rglob("*") if p.suffix in (".tex", ".sty", ".bib")
     and "generated" not in p.parts and p.name not in ("neurips_2025.tex", "neurips_2025_compressed.tex")
@@ -22,12 +20,11 @@ rule paper:
     wildcard_constraints:
         doc="neurips_2025|neurips_2025_compressed",
     log:
-        log_path("paper", "{doc}"),
+        "results/logs/paper/{doc}.log",
     threads: 1
     resources:
-        **rule_resources("paper"),
+        **PLAN.rule_resources("paper"),
     conda:
         "../../envs/latex.yaml"
     shell:
-        "latexmk -pdf -g -interaction=nonstopmode -halt-on-error -cd {input.tex} > {log} 2>&1 "
-        "|| {{ s=$?; echo '--- last lines of {log}:' >&2; tail -n 40 {log} >&2; exit $s; }}"
+        logged("latexmk -pdf -g -interaction=nonstopmode -halt-on-error -cd {input.tex}", tail=40)

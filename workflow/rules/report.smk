@@ -1,103 +1,57 @@
-# Aggregates, LaTeX tables, figures and the macros the paper quotes (src/kvstream/report.py, figures.py).
+# Aggregates, LaTeX tables, figures and the macros the paper quotes (workflow/scripts/*.py).
 #   results/aggregate/{experiment}.csv|json      pooled results with 95 % bootstrap intervals
 #   paper/generated/tables/{experiment}.tex      booktabs table per experiment, + reproduction.tex, setup.tex
 #   results/figures/{name}.pdf|png, paper/generated/figures/{name}.pdf
 #   paper/generated/macros.tex                   every number the prose quotes, the author block, switches
 # Each output depends only on what it reads, so a change to one policy reruns its cells and then only the
-# aggregates, tables and figures of the experiments that contain it.
+# aggregates, tables and figures of the experiments that contain it. What each experiment is for comes
+# from the config (experiments.<name>.role, knob; the `paper` block), never from its name: the main
+# experiment (role main, else the first) gives the cache-trace and per-token NLL figures, the sweeps
+# (role sweep) a figure each, the reproduction table takes the main experiment and the ablations.
 
-import re
-
-REPORT_SEED = int(config["eval"].get("seed", 0))
+REPORT_SEED = int(config["eval"]["seed"])
 REPORT_N_BOOT = 2000
 
-SWEEPS = [e for e in EXPERIMENTS if e.startswith("sweep")]
-MAIN_EXPERIMENT = "table1" if "table1" in EXPERIMENTS else EXPERIMENTS[0]  # the schema requires one experiment
-MAIN_DATASET = experiment_dataset(MAIN_EXPERIMENT)
-FIGURES = ["tradeoff", "cache_trace", "nll_along"] + SWEEPS
-PAPER_TABLES = [f"paper/generated/tables/{e}.tex" for e in EXPERIMENTS] + [
-    "paper/generated/tables/reproduction.tex",
-    "paper/generated/tables/setup.tex",
-]
+SWEEPS = PLAN.sweeps
+FIGURES = ["tradeoff", "cache_trace", "nll_along", *SWEEPS]
+PAPER_TABLES = [f"paper/generated/tables/{e}.tex" for e in EXPERIMENTS]
+PAPER_TABLES.extend(["paper/generated/tables/reproduction.tex", "paper/generated/tables/setup.tex"])
 PAPER_FIGURES = [f"paper/generated/figures/{f}.pdf" for f in FIGURES]
 PAPER_MACROS = "paper/generated/macros.tex"
+ALL_AGGREGATES = [PLAN.aggregate_path(e, "json") for e in EXPERIMENTS]
 
-ALL_TARGETS += [f"results/figures/{f}.{ext}" for f in FIGURES for ext in ("pdf", "png")]
-ALL_TARGETS += PAPER_TABLES + PAPER_FIGURES + [PAPER_MACROS]
-
-
-def _alt(names):
-    return "|".join(re.escape(n) for n in names) or "(?!x)x"
-
-
-def _nll(cells):
-    return [c[: -len(".json")] + ".nll.npy" for c in cells]
-
-
-def all_aggregates():
-    return [aggregate_path(e, "json") for e in EXPERIMENTS]
-
-
-def _main_dataset_policies():
-    """Policies run on the main experiment's dataset, config order."""
-    seen = {}
-    for e in EXPERIMENTS:
-        if experiment_dataset(e) == MAIN_DATASET:
-            for p in experiment_policies(e):
-                seen.setdefault(p, None)
-    return list(seen)
-
-
-def trace_cells():
-    """First-sample cells of the sink policies (the figure picks R = 1, 32, 64 of one family)."""
-    pols = [p for p in _main_dataset_policies() if policy_params(p)["type"] == "sink"]
-    return [cell_path(MODEL, MAIN_DATASET, p, 0) for p in pols]
-
-
-def nll_policies():
-    """recompute (the reference), the sink-less window, and StreamingLLM (else the first sink policy)."""
-    pols = _main_dataset_policies()
-    out = [experiment_reference(MAIN_EXPERIMENT)]
-    out += [p for p in pols if policy_params(p)["type"] == "window"][:1]
-    sinks = [p for p in pols if policy_params(p)["type"] == "sink"]
-    out += ["mit_streaming"] if "mit_streaming" in sinks else sinks[:1]
-    return [p for p in dict.fromkeys(out) if p in pols]
-
-
-def nll_cells():
-    return [cell_path(MODEL, MAIN_DATASET, p, i) for p in nll_policies() for i in range(n_samples(MAIN_DATASET))]
-
-
-def paper_config():
-    """The parts of the config the tables and macros print (a change reruns them)."""
-    keys = ("title", "authors", "model", "datasets", "eval")
-    return {k: config.get(k) for k in keys}
+ALL_TARGETS.extend(PLAN.aggregate_path(e, ext) for e in EXPERIMENTS for ext in ("csv", "json"))
+ALL_TARGETS.extend(f"results/figures/{f}.{ext}" for f in FIGURES for ext in ("pdf", "png"))
+ALL_TARGETS.extend([*PAPER_TABLES, *PAPER_FIGURES, PAPER_MACROS])
 
 
 wildcard_constraints:
-    experiment=_alt(EXPERIMENTS),
-    sweep=_alt(SWEEPS),
+    experiment=alternation(EXPERIMENTS),
+    sweep=alternation(SWEEPS),
 
 
 rule aggregate:
     input:
-        cells=lambda w: experiment_cells(w.experiment),
-        nll=lambda w: _nll(experiment_cells(w.experiment)),
-        speed=lambda w: speed_path(experiment_dataset(w.experiment)),
+        cells=lambda w: PLAN.experiment_cells(w.experiment),
+        nll=lambda w: PLAN.nll_paths(PLAN.experiment_cells(w.experiment)),
+        speed=lambda w: PLAN.speed_path(PLAN.experiment_dataset(w.experiment)),
     output:
         csv="results/aggregate/{experiment}.csv",
         json="results/aggregate/{experiment}.json",
     params:
-        policies=lambda w: experiment_policies(w.experiment),
-        reference=lambda w: experiment_reference(w.experiment),
-        dataset=lambda w: experiment_dataset(w.experiment),
+        policies=lambda w: PLAN.experiment_policies(w.experiment),
+        reference=lambda w: PLAN.experiment_reference(w.experiment),
+        dataset=lambda w: PLAN.experiment_dataset(w.experiment),
+        role=lambda w: PLAN.experiment_role(w.experiment),
+        knob=lambda w: PLAN.experiment_knob(w.experiment),
+        labels=lambda w: PLAN.experiment_labels(w.experiment),
         n_boot=REPORT_N_BOOT,
         seed=REPORT_SEED,
     log:
-        log_path("aggregate", "{experiment}"),
+        "results/logs/aggregate/{experiment}.log",
     threads: 1
     resources:
-        **rule_resources("report"),
+        **PLAN.rule_resources("report"),
     conda:
         "../../envs/report.yaml"
     script:
@@ -106,17 +60,17 @@ rule aggregate:
 
 rule table:
     input:
-        aggregate=lambda w: aggregate_path(w.experiment, "json"),
+        aggregate=lambda w: PLAN.aggregate_path(w.experiment, "json"),
     output:
         "paper/generated/tables/{experiment}.tex",
     params:
         kind="experiment",
-        config=paper_config(),
+        config=PLAN.paper_config(),
     log:
-        log_path("tables", "{experiment}"),
+        "results/logs/tables/{experiment}.log",
     threads: 1
     resources:
-        **rule_resources("report"),
+        **PLAN.rule_resources("report"),
     conda:
         "../../envs/report.yaml"
     script:
@@ -125,17 +79,17 @@ rule table:
 
 rule table_reproduction:
     input:
-        aggregate=[aggregate_path(e, "json") for e in ("table1", "table2") if e in EXPERIMENTS],
+        aggregate=[PLAN.aggregate_path(e, "json") for e in PLAN.reproduction_experiments],
     output:
         "paper/generated/tables/reproduction.tex",
     params:
         kind="reproduction",
-        config=paper_config(),
+        config=PLAN.paper_config(),
     log:
-        log_path("tables", "reproduction"),
+        "results/logs/tables/reproduction.log",
     threads: 1
     resources:
-        **rule_resources("report"),
+        **PLAN.rule_resources("report"),
     conda:
         "../../envs/report.yaml"
     script:
@@ -144,17 +98,17 @@ rule table_reproduction:
 
 rule table_setup:
     input:
-        aggregate=all_aggregates(),
+        aggregate=ALL_AGGREGATES,
     output:
         "paper/generated/tables/setup.tex",
     params:
         kind="setup",
-        config=paper_config(),
+        config=PLAN.paper_config(),
     log:
-        log_path("tables", "setup"),
+        "results/logs/tables/setup.log",
     threads: 1
     resources:
-        **rule_resources("report"),
+        **PLAN.rule_resources("report"),
     conda:
         "../../envs/report.yaml"
     script:
@@ -163,16 +117,16 @@ rule table_setup:
 
 rule macros:
     input:
-        aggregate=all_aggregates(),
+        aggregate=ALL_AGGREGATES,
     output:
         PAPER_MACROS,
     params:
-        config=paper_config(),
+        config=PLAN.paper_config(),
     log:
-        log_path("macros", "macros"),
+        "results/logs/macros/macros.log",
     threads: 1
     resources:
-        **rule_resources("report"),
+        **PLAN.rule_resources("report"),
     conda:
         "../../envs/report.yaml"
     script:
@@ -181,7 +135,7 @@ rule macros:
 
 rule figure_tradeoff:
     input:
-        aggregate=all_aggregates(),
+        aggregate=ALL_AGGREGATES,
     output:
         pdf="results/figures/tradeoff.pdf",
         png=report(
@@ -193,11 +147,12 @@ rule figure_tradeoff:
         paper="paper/generated/figures/tradeoff.pdf",
     params:
         kind="tradeoff",
+        paper=PLAN.paper_config()["paper"],
     log:
-        log_path("figures", "tradeoff"),
+        "results/logs/figures/tradeoff.log",
     threads: 1
     resources:
-        **rule_resources("report"),
+        **PLAN.rule_resources("report"),
     conda:
         "../../envs/report.yaml"
     script:
@@ -206,7 +161,7 @@ rule figure_tradeoff:
 
 rule figure_sweep:
     input:
-        aggregate=lambda w: aggregate_path(w.sweep, "json"),
+        aggregate=lambda w: PLAN.aggregate_path(w.sweep, "json"),
     output:
         pdf="results/figures/{sweep}.pdf",
         png=report(
@@ -219,11 +174,12 @@ rule figure_sweep:
         paper="paper/generated/figures/{sweep}.pdf",
     params:
         kind="sweep",
+        paper=PLAN.paper_config()["paper"],
     log:
-        log_path("figures", "{sweep}"),
+        "results/logs/figures/{sweep}.log",
     threads: 1
     resources:
-        **rule_resources("report"),
+        **PLAN.rule_resources("report"),
     conda:
         "../../envs/report.yaml"
     script:
@@ -232,7 +188,7 @@ rule figure_sweep:
 
 rule figure_cache_trace:
     input:
-        cells=trace_cells(),
+        cells=PLAN.trace_cells(),
     output:
         pdf="results/figures/cache_trace.pdf",
         png=report(
@@ -244,11 +200,12 @@ rule figure_cache_trace:
         paper="paper/generated/figures/cache_trace.pdf",
     params:
         kind="cache_trace",
+        paper=PLAN.paper_config()["paper"],
     log:
-        log_path("figures", "cache_trace"),
+        "results/logs/figures/cache_trace.log",
     threads: 1
     resources:
-        **rule_resources("report"),
+        **PLAN.rule_resources("report"),
     conda:
         "../../envs/report.yaml"
     script:
@@ -257,8 +214,8 @@ rule figure_cache_trace:
 
 rule figure_nll_along:
     input:
-        cells=nll_cells(),
-        nll=_nll(nll_cells()),
+        cells=PLAN.nll_cells(),
+        nll=PLAN.nll_paths(PLAN.nll_cells()),
     output:
         pdf="results/figures/nll_along.pdf",
         png=report(
@@ -270,12 +227,13 @@ rule figure_nll_along:
         paper="paper/generated/figures/nll_along.pdf",
     params:
         kind="nll_along",
-        policies=nll_policies(),
+        policies=PLAN.nll_policies(),
+        paper=PLAN.paper_config()["paper"],
     log:
-        log_path("figures", "nll_along"),
+        "results/logs/figures/nll_along.log",
     threads: 1
     resources:
-        **rule_resources("report"),
+        **PLAN.rule_resources("report"),
     conda:
         "../../envs/report.yaml"
     script:

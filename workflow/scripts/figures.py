@@ -1,5 +1,5 @@
 """Snakemake `script:` entry point of the figure rules (kvstream.study.figures): PDF + PNG in results/figures,
-the PDF also in paper/generated/figures. Point and legend labels come from the config's `paper:` block."""
+the PDF also in paper/generated/figures. Point and legend labels come from the config's `paper:` block (params.paper)."""
 
 import shutil
 import sys
@@ -16,7 +16,7 @@ with logged(snakemake):  # noqa: F821
     out_pdf = Path(sm.output.pdf)
     name = out_pdf.stem
     kind = sm.params.kind
-    paper = sm.config.get("paper")
+    paper = dict(sm.params.paper)  # a param: a label change reruns the figures
     if kind == "tradeoff":
         figures.tradeoff(load_aggregates(paths(sm.input.aggregate)), out_pdf.parent, name=name, paper=paper)
     elif kind == "sweep":

@@ -1,0 +1,398 @@
+"""The workflow's side of kvstream, torch-free: the config checks, and what the DAG derives from a checked
+config (names in config order, cells, identical schedules, paths, resources, the experiments' roles).
+
+workflow/rules/common.smk calls `check_config` and builds one `Plan`, which the rule files read. Every
+policy goes through `kvstream.schedule.Policy` (checks, defaults, derived W and C): the workflow does no
+budget math itself. Identical schedules share their cells (docs/method.md, "Identical schedules")."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from kvstream.cells import nll_path
+from kvstream.errors import KVStreamError
+from kvstream.schedule import Policy, cache_lengths
+
+
+class ConfigError(KVStreamError):
+    """A config problem, as one message naming the field ("config error: policies.x.n_sink: ...")."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"config error: {field}: {problem}")
+
+
+# ------------------------------------------------------------------------------------------- config
+def merge(base: dict, over: dict) -> dict:
+    """A deep copy of base with over merged in (nested dicts merged, everything else replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def check_config(cfg: dict, schema: dict) -> dict:
+    """The config, `scale` merged and the schema's defaults filled in; ConfigError naming the first bad field."""
+    cfg = copy.deepcopy(dict(cfg))
+    if cfg.get("scale") is not None:
+        scales = cfg.get("scales") or {}
+        if cfg["scale"] not in scales:
+            raise ConfigError("scale", f"'{cfg['scale']}' is not one of the config's scales ({', '.join(scales) or 'none defined'})")
+        cfg = merge(cfg, scales[cfg["scale"]])
+    _check_schema(cfg, schema)
+    _check_policies(cfg)
+    _check_experiments(cfg)
+    _check_paper(cfg)
+    return cfg
+
+
+def _field(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _check_schema(cfg: dict, schema: dict) -> None:
+    """Validate against the schema, then fill in its defaults (in place)."""
+    import jsonschema
+
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(cfg))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        path = list(err.absolute_path)
+        if err.validator == "required" and isinstance(err.instance, dict):
+            missing = [k for k in err.validator_value if k not in err.instance]
+            field, problem = _field(path + missing[:1]), "missing (required field)"
+        elif err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            allowed = set((err.schema.get("properties") or {}).keys())
+            extra = [k for k in err.instance if k not in allowed]
+            field = _field(path + extra[:1])
+            problem = "unknown field" + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else "")
+        elif err.validator == "not" and len(path) == 2 and path[0] == "policies":
+            field = _field(path)
+            problem = f"a policy of type {err.instance.get('type')} takes no n_sink/window_size/compress_every/cache_slack/max_drop"
+        else:
+            field, problem = _field(path), err.message
+        if len(errors) > 1:
+            problem += f"  ({len(errors) - 1} more problem(s) after this one is fixed)"
+        raise ConfigError(field, problem)
+    _fill_defaults(cfg, schema)
+
+
+def _fill_defaults(cfg: dict, schema: dict) -> None:
+    """Each property's `default` where it is absent (jsonschema's FAQ recipe, as snakemake.utils.validate)."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def properties(validator, props, instance, subschema):
+        if isinstance(instance, dict):
+            for name, sub in props.items():
+                if "default" in sub:
+                    instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from check_properties(validator, props, instance, subschema)
+
+    jsonschema.validators.extend(base, {"properties": properties})(schema).validate(cfg)
+
+
+def policy_fields_from_config(entry: dict, eval_cfg: dict) -> dict:
+    """A config policy entry with what the eval section gives it: eval.cap (the recompute window and
+    prefill of recompute/dense, the peak length of budget_mode cap), eval.positions (evicting kinds)."""
+    fields = dict(entry)
+    evicts = Policy(entry["type"]).evicts
+    if not evicts or entry.get("budget_mode") == "cap":
+        fields["cap"] = eval_cfg["cap"]
+    if evicts:
+        fields.setdefault("positions", eval_cfg["positions"])
+    return fields
+
+
+def _check_policies(cfg: dict) -> None:
+    for name, entry in cfg["policies"].items():
+        field = f"policies.{name}"
+        if entry.get("budget_mode") == "cap":
+            if not Policy(entry["type"]).evicts:
+                raise ConfigError(f"{field}.budget_mode", "only sink and window policies have a budget")
+            if "window_size" in entry:
+                raise ConfigError(f"{field}.window_size", "budget_mode cap derives the window from eval.cap; "
+                                  "remove window_size or use budget_mode fixed")
+        try:
+            Policy.from_dict(policy_fields_from_config(entry, cfg["eval"]))
+        except KVStreamError as exc:
+            if entry.get("budget_mode") == "cap" and entry["type"] == "sink":
+                raise ConfigError(field, f"budget_mode cap leaves no window with eval.cap: {exc}") from None
+            raise ConfigError(field, str(exc)) from None
+
+
+def _check_experiments(cfg: dict) -> None:
+    main = None
+    for name, e in cfg["experiments"].items():
+        field = f"experiments.{name}"
+        if e["dataset"] not in cfg["datasets"]:
+            raise ConfigError(f"{field}.dataset", f"unknown dataset '{e['dataset']}' (datasets: {', '.join(cfg['datasets'])})")
+        for i, p in enumerate(e["policies"]):
+            if p not in cfg["policies"]:
+                raise ConfigError(f"{field}.policies[{i}]", f"unknown policy '{p}' (policies: {', '.join(cfg['policies'])})")
+        if e["reference"] not in e["policies"]:
+            raise ConfigError(f"{field}.reference", f"'{e['reference']}' is not one of the experiment's policies; add it "
+                              f"to {field}.policies (PPL increase and speedup are measured against it)")
+        if e["role"] == "sweep" and "knob" not in e:
+            raise ConfigError(f"{field}.knob", "missing: an experiment with role sweep names the policy field it varies "
+                              "(n_sink, window_size, compress_every, cache_slack or max_drop)")
+        if e["role"] == "main":
+            if main is not None:
+                raise ConfigError(f"{field}.role", f"experiments.{main} is already the main experiment: one has role main")
+            main = name
+
+
+def _check_paper(cfg: dict) -> None:
+    paper, policies = cfg["paper"], cfg["policies"]
+    named = [(f"paper.{key}", paper[key]) for key in ("baseline", "eager") if paper[key] is not None]
+    named += [(f"paper.presets[{i}]", p) for i, p in enumerate(paper["presets"])]
+    named += [(f"paper.{key}.{p}", p) for key in ("labels", "stems") for p in paper[key]]
+    for field, name in named:
+        if name not in policies:
+            raise ConfigError(field, f"unknown policy '{name}' (policies: {', '.join(policies)})")
+
+
+# ------------------------------------------------------------------------------------------- device
+def cuda_at_dag_time(device: str) -> bool:
+    """Whether the eval jobs will run on CUDA (they then ask for the resource gpu=1)."""
+    if device != "auto":
+        return device == "cuda"
+    # torch.cuda.is_available() is False without an NVIDIA driver: skip the slow torch import then
+    if not (shutil.which("nvidia-smi") or Path("/proc/driver/nvidia").exists()):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def job_environment(src_dir: str | os.PathLike, python: str = sys.executable, environ=os.environ) -> None:
+    """Let a job's `python -m kvstream` find this kvstream with nothing activated: Snakemake's interpreter
+    (the .venv) first on PATH; src_dir on PYTHONPATH for `--sdm conda` environments, which lack kvstream.
+    Set here, not asked of the user (so no `envvars:`); a SLURM job runs the Snakefile, setting them again."""
+    bindir = str(Path(python).parent)  # not resolved: a venv's python is a symlink
+    path = environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bindir:
+        environ["PATH"] = os.pathsep.join(p for p in (bindir, path) if p)
+    src, pythonpath = str(src_dir), environ.get("PYTHONPATH", "")
+    if src not in pythonpath.split(os.pathsep):
+        environ["PYTHONPATH"] = os.pathsep.join(p for p in (src, pythonpath) if p)
+
+
+DEFAULT_RESOURCES = {  # mem_mb, runtime (minutes) per rule group; config `resources.<group>` overrides
+    "fetch_text": {"mem_mb": 4000, "runtime": 60},
+    "prepare_model": {"mem_mb": 8000, "runtime": 60},
+    "tokenize": {"mem_mb": 4000, "runtime": 30},
+    "eval": {"mem_mb": 4000, "runtime": 120},  # 16000 on CUDA (Plan.rule_resources)
+    "report": {"mem_mb": 2000, "runtime": 15},
+    "paper": {"mem_mb": 2000, "runtime": 15},
+}
+
+
+def _sample_index(sample) -> int:
+    return int(str(sample).removeprefix("s"))  # 3 or "s3"
+
+
+class Plan:
+    """What the pipeline runs, from a checked config (`check_config`); common.smk holds one, PLAN."""
+
+    def __init__(self, config: dict, use_cuda: bool | None = None):
+        self.config = config
+        self.model = config["model"]["name"]
+        self.datasets = list(config["datasets"])
+        self.experiments = list(config["experiments"])
+        self.use_cuda = cuda_at_dag_time(config["model"]["device"]) if use_cuda is None else use_cuda
+
+    # --- experiments ---------------------------------------------------------------------------
+    def n_samples(self, dataset: str) -> int:
+        return int(self.config["datasets"][dataset]["n_samples"])
+
+    def experiment_dataset(self, name: str) -> str:
+        return self.config["experiments"][name]["dataset"]
+
+    def experiment_policies(self, name: str) -> list[str]:
+        return list(self.config["experiments"][name]["policies"])
+
+    def experiment_reference(self, name: str) -> str:
+        return self.config["experiments"][name]["reference"]
+
+    def experiment_role(self, name: str) -> str:
+        return self.config["experiments"][name]["role"]
+
+    def experiment_knob(self, name: str) -> str | None:
+        return self.config["experiments"][name].get("knob")
+
+    def experiment_labels(self, name: str) -> dict[str, str]:
+        """Display names (config paper.labels) of the experiment's policies that have one."""
+        labels = self.config["paper"]["labels"]
+        return {p: labels[p] for p in self.experiment_policies(name) if p in labels}
+
+    def dataset_policies(self, dataset: str) -> list[str]:
+        """Policies some experiment runs on a dataset, config order."""
+        seen = {}
+        for e in self.experiments:
+            if self.experiment_dataset(e) == dataset:
+                seen.update(dict.fromkeys(self.experiment_policies(e)))
+        return list(seen)
+
+    # --- policies ------------------------------------------------------------------------------
+    @functools.cache
+    def policy(self, name: str) -> Policy:
+        """The resolved Policy of a config entry (budget_mode cap: W derived from eval.cap)."""
+        return Policy.from_dict(policy_fields_from_config(self.config["policies"][name], self.config["eval"]))
+
+    def policy_fields(self, name: str) -> dict:
+        """Every field of the resolved policy, as `kvstream eval --policy-json` and Policy.from_dict read them."""
+        return dataclasses.asdict(self.policy(name))
+
+    def policy_json(self, name: str) -> str:
+        """policy_fields as one shell-quoted JSON object."""
+        return shlex.quote(json.dumps(self.policy_fields(name)))
+
+    def recompute_every(self, name: str) -> int:
+        """`kvstream eval --recompute-every`: eval.recompute_every for recompute, 1 (every target) otherwise."""
+        return int(self.config["eval"]["recompute_every"]) if self.policy(name).type == "recompute" else 1
+
+    @functools.cache
+    def _schedule_key(self, dataset: str, name: str) -> tuple:
+        """What decides a policy's cells on a dataset: kind, S, budget, cap, positions, cache-length trace."""
+        p = self.policy(name)
+        n = int(self.config["datasets"][dataset]["tokens_per_sample"])
+        return (p.type, p.n_sink, p.budget, p.cap, p.positions, tuple(cache_lengths(p, n)))
+
+    def reused_from(self, dataset: str, policy: str) -> str | None:
+        """The earlier policy (config order) whose cells this one reuses; None when it is evaluated itself."""
+        key = self._schedule_key(dataset, policy)
+        for other in self.dataset_policies(dataset):
+            if other == policy:
+                return None
+            if self._schedule_key(dataset, other) == key:
+                return other
+        return None
+
+    # --- paths ---------------------------------------------------------------------------------
+    def model_dir(self, model: str | None = None) -> str:
+        return f"results/models/{model or self.model}"
+
+    def tokens_path(self, dataset: str, sample, model: str | None = None) -> str:
+        return f"results/tokens/{model or self.model}/{dataset}/s{_sample_index(sample)}.npy"
+
+    def cell_path(self, dataset: str, policy: str, sample, model: str | None = None) -> str:
+        return f"results/cells/{model or self.model}/{dataset}/{policy}/s{_sample_index(sample)}.json"
+
+    def experiment_cells(self, name: str) -> list[str]:
+        """Cell JSON paths of an experiment: policy-major, then sample."""
+        ds = self.experiment_dataset(name)
+        return [self.cell_path(ds, p, i) for p in self.experiment_policies(name) for i in range(self.n_samples(ds))]
+
+    def used_cells(self) -> list[str]:
+        """Every cell some experiment needs, each once (a policy shared by experiments is one cell)."""
+        return list(dict.fromkeys(c for e in self.experiments for c in self.experiment_cells(e)))
+
+    @staticmethod
+    def nll_paths(cells) -> list[str]:
+        return [str(nll_path(c)) for c in cells]
+
+    def local_copy(self, dataset: str) -> list[str]:
+        """The dataset's local copy (config `path`) when it exists: fetch_text's input, so editing it refetches."""
+        path = self.config["datasets"][dataset].get("path")
+        return [path] if path and Path(path).exists() else []
+
+    def sample_batches(self, dataset: str) -> list[list[int]]:
+        """Sample indices in batches of eval.batch_size: one eval job each."""
+        n, size = self.n_samples(dataset), int(self.config["eval"]["batch_size"])
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    @staticmethod
+    def aggregate_path(name: str, ext: str = "csv") -> str:
+        return f"results/aggregate/{name}.{ext}"
+
+    def speed_path(self, dataset: str, ext: str = "json") -> str:
+        return f"results/speed/{self.model}/{dataset}/speed.{ext}"
+
+    # --- speed ---------------------------------------------------------------------------------
+    def speed_policies(self, dataset: str) -> list[str]:
+        """The policies the speed run times: every evaluated one, and the first that reuses another's cells
+        (it runs exactly its source's computation: a probe of timing noise)."""
+        pols = self.dataset_policies(dataset)
+        probe = [p for p in pols if self.reused_from(dataset, p)][:1] if self.config["speed"]["noise_probe"] else []
+        return [p for p in pols if self.reused_from(dataset, p) is None or p in probe]
+
+    def speed_policies_json(self, dataset: str) -> str:
+        """name -> policy fields of the timed policies, shell-quoted JSON."""
+        return shlex.quote(json.dumps({p: self.policy_fields(p) for p in self.speed_policies(dataset)}, sort_keys=True))
+
+    def speed_reference(self, dataset: str) -> str:
+        return next(self.experiment_reference(e) for e in self.experiments if self.experiment_dataset(e) == dataset)
+
+    def speed_threads(self) -> int:
+        return int(self.config["speed"].get("threads", self.config["eval"]["threads"]))
+
+    def rule_resources(self, group: str, gpu: bool = False) -> dict:
+        """mem_mb, runtime (minutes) of a rule group: config `resources.<group>` over DEFAULT_RESOURCES; with
+        gpu=True also gpu=1 when the jobs run on CUDA."""
+        res = dict(DEFAULT_RESOURCES.get(group, {"mem_mb": 2000, "runtime": 30}))
+        if group == "eval" and self.use_cuda:
+            res["mem_mb"] = 16000
+        res.update(self.config["resources"].get(group) or {})
+        if gpu and self.use_cuda:
+            res["gpu"] = 1
+        return res
+
+    # --- the paper's roles (config experiments.<name>.role, paper) ------------------------------
+    @property
+    def main_experiment(self) -> str:
+        """The experiment with role main, else the first."""
+        return next((e for e in self.experiments if self.experiment_role(e) == "main"), self.experiments[0])
+
+    @property
+    def main_dataset(self) -> str:
+        return self.experiment_dataset(self.main_experiment)
+
+    @property
+    def sweeps(self) -> list[str]:
+        return [e for e in self.experiments if self.experiment_role(e) == "sweep"]
+
+    @property
+    def reproduction_experiments(self) -> list[str]:
+        """The reproduction table's experiments: the main one and the ablations."""
+        return [self.main_experiment] + [e for e in self.experiments if self.experiment_role(e) == "ablation"]
+
+    def trace_cells(self) -> list[str]:
+        """First-sample cells of the main dataset's sink policies (the cache-length figure)."""
+        ds = self.main_dataset
+        return [self.cell_path(ds, p, 0) for p in self.dataset_policies(ds) if self.policy(p).type == "sink"]
+
+    def nll_policies(self) -> list[str]:
+        """The per-token NLL figure's policies: the main reference, the first window policy, and the paper's
+        baseline (else the first sink policy) on the main dataset."""
+        pols = self.dataset_policies(self.main_dataset)
+        windows = [p for p in pols if self.policy(p).type == "window"]
+        sinks = [p for p in pols if self.policy(p).type == "sink"]
+        baseline = self.config["paper"]["baseline"]
+        out = [self.experiment_reference(self.main_experiment)] + windows[:1]
+        out += [baseline] if baseline in sinks else sinks[:1]
+        return [p for p in dict.fromkeys(out) if p in pols]
+
+    def nll_cells(self) -> list[str]:
+        ds = self.main_dataset
+        return [self.cell_path(ds, p, i) for p in self.nll_policies() for i in range(self.n_samples(ds))]
+
+    def paper_config(self) -> dict:
+        """The parts of the config the tables and macros print (a change reruns them)."""
+        keys = ("title", "authors", "model", "datasets", "eval", "paper", "experiments")
+        return {k: self.config.get(k) for k in keys}
