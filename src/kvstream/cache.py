@@ -32,6 +32,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvstream.errors import KVStreamError
+from kvstream.eviction import EVICTION_RULES
 from kvstream.rope import Rotary
 from kvstream.schedule import Policy, eviction_size
 from kvstream.slots import SlotPlan, SlotTable
@@ -49,36 +50,6 @@ class _Plan:
     sink_delta: int | None = None  # re-rotate sinks to original + sink_delta (None: unchanged)
     length: int = 0  # tokens held once the plan is applied
     next_pos: int = 0  # position of the next token once the plan is applied
-
-
-class EvictionRule:
-    """Which tokens an event removes: the one decision a policy kind owns.
-
-    The cache (the mechanism: slots, buffers, rotation, the schedule of docs/method.md) decides when
-    an event happens and how many tokens it removes; `select` returns the slots of the tokens to
-    remove, never a sink (the first n_sink tokens). A rule whose choice keeps the window a
-    contiguous run of the most recent tokens sets `contiguous_window` (cache-relative positions then
-    only need the sinks re-rotated).
-    """
-
-    contiguous_window = True
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-
-    def select(self, cache: "StreamingCache", n: int) -> np.ndarray:
-        raise NotImplementedError
-
-
-class OldestFirst(EvictionRule):
-    """window and sink (StreamingLLM): the n oldest non-sink tokens."""
-
-    def select(self, cache, n):
-        return cache.slots.slots_of(cache.first_window, n, cache.length)
-
-
-# policy type -> its rule (types without eviction have none)
-EVICTION_RULES: dict[str, type[EvictionRule]] = {"window": OldestFirst, "sink": OldestFirst}
 
 
 class StreamingCacheLayer(CacheLayerMixin):
