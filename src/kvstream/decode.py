@@ -14,6 +14,7 @@ is what the timing measures: eviction planning, cache maintenance and the forwar
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -128,7 +129,13 @@ class Decoder:
         self.cache = self.fixed = None
         if hold and self.policy.type != "dense":
             raise KVStreamError("hold=True is for a dense cache (the floor)")
-        if self.policy.type != "recompute":
+        if self.policy.scored:
+            from kvstream.scored import ScoredCache
+
+            if static:
+                raise KVStreamError(f"policy {self.policy.type} runs eagerly only: no fixed-shape / CUDA-graph steps")
+            self.cache = ScoredCache(model, self.policy, reserve=reserve)
+        elif self.policy.type != "recompute":
             self.cache = StreamingCache(model, self.policy, rebase_at="auto", reserve=reserve)
         elif static:
             self.fixed = GraphRecompute(model, self.policy.cap, ids.shape[0], ids.device)
@@ -137,7 +144,8 @@ class Decoder:
     def prefill(self, length: int):
         """Feed ids[:, t : t + length] in one forward; returns its logits [batch, length, V]."""
         t, self.t = self.t, self.t + length
-        logits = self.model(self.ids[:, t : t + length], cache=self.cache, use_cache=self.cache is not None).logits
+        with self._scoring():
+            logits = self.model(self.ids[:, t : t + length], cache=self.cache, use_cache=self.cache is not None).logits
         if self.static and self.cache is not None:
             from kvstream.graphs import StaticDecoder
 
@@ -167,7 +175,8 @@ class Decoder:
         else:
             # Planning the eviction is maintenance: it happens inside the step, and the length the
             # forward attended over is read afterwards.
-            logits = self.model(self.ids[:, t : t + 1], cache=cache).logits[:, -1]
+            with self._scoring():
+                logits = self.model(self.ids[:, t : t + 1], cache=cache).logits[:, -1]
         if clock is not None:
             clock.stop(started)
         if cache is not None:
@@ -177,6 +186,14 @@ class Decoder:
         self.length = length
         self.t += 1
         return logits
+
+    def _scoring(self):
+        """Attention scores to the cache during a forward (scored kinds that need them), else nothing."""
+        if not self.policy.scored:
+            return contextlib.nullcontext()
+        from kvstream.scored import scoring
+
+        return scoring(self.model, self.cache)
 
     def counters(self) -> tuple[int, int]:
         """(eviction events, rebases) so far."""

@@ -137,7 +137,7 @@ def run_cells(model, samples: list[np.ndarray], policy: Policy, *, warmup: int =
 
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
-    static = bool(cuda_graphs and policy.evicts)
+    static = bool(cuda_graphs and policy.evicts and not policy.scored)  # scored kinds: eager only
     with torch.inference_mode(), decode_context(device, static=static):
         decoder = Decoder(model, policy, ids, reserve=n if policy.type == "dense" else None, static=static,
                           graph=device.type == "cuda")

@@ -83,3 +83,17 @@ class Rotary:
         out = keys.clone()
         out[..., :rd] = (x * cos + rotated_half * sin).to(keys.dtype)
         return out
+
+    def rotate_each(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """keys [..., n, head_dim] each rotated by its own delta (deltas: [n] integers), rounded once."""
+        work = torch.float64 if keys.dtype in (torch.float32, torch.float64) else torch.float32
+        angles = deltas.to(self.inv_freq.device, torch.float64)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)  # [n, rotary_ndims]
+        cos, sin = angles.cos().to(work), angles.sin().to(work)
+        rd = self.rotary_ndims
+        x = keys[..., :rd].to(work)
+        half = rd // 2
+        rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        out = keys.clone()
+        out[..., :rd] = (x * cos + rotated_half * sin).to(keys.dtype)
+        return out

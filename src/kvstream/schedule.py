@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 from kvstream.errors import KVStreamError
 
-POLICY_TYPES = ("recompute", "dense", "window", "sink")
+# score-based kinds: the sink schedule, and a rule for which non-sink tokens an event removes (kvstream.eviction)
+SCORED_TYPES = ("h2o", "tova", "knorm", "random")
+POLICY_TYPES = ("recompute", "dense", "window", "sink") + SCORED_TYPES
+SCORED_FIELDS = ("recent", "seed")  # fields only the scored kinds use
 BUDGET_MODES = ("fixed", "cap")
 POSITION_MODES = ("relative", "absolute")
 DERIVED_KEYS = ("budget", "max_forward_len")  # written beside the fields in policy blocks, never inputs
@@ -38,11 +41,18 @@ class Policy:
     budget_mode: str = "fixed"
     cap: int | None = None
     positions: str = "relative"
+    recent: int = 0  # scored kinds: the newest tokens no event may remove (H2O's recent window)
+    seed: int = 0  # random: the seed of its choices
 
     # --- derived quantities -------------------------------------------------------------------
     @property
     def evicts(self) -> bool:
-        return self.type in ("window", "sink")
+        return self.type in ("window", "sink") + SCORED_TYPES
+
+    @property
+    def scored(self) -> bool:
+        """A kind that chooses which tokens go (not the oldest): kvstream.eviction."""
+        return self.type in SCORED_TYPES
 
     @property
     def budget(self) -> int | None:
@@ -67,6 +77,9 @@ class Policy:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if not self.scored:  # fields of the scored kinds only (earlier cells' policy blocks unchanged)
+            for key in SCORED_FIELDS:
+                d.pop(key)
         d["budget"] = self.budget
         d["max_forward_len"] = self.max_forward_len
         return d
@@ -115,7 +128,7 @@ class Policy:
         if p.type == "window":
             _check_int("window_size", p.window_size, minimum=1)
             return dataclasses.replace(p, n_sink=0, compress_every=1, cache_slack=0, max_drop=None, budget_mode="fixed")
-        # sink
+        # sink and the scored kinds (the same schedule)
         _check_int("n_sink", p.n_sink, minimum=0)
         _check_int("compress_every", p.compress_every, minimum=1)
         _check_int("cache_slack", p.cache_slack, minimum=0)
@@ -130,11 +143,23 @@ class Policy:
                     f"cap={p.cap} is too small for n_sink={p.n_sink} + max(compress_every, cache_slack + 1)={extra}: "
                     f"budget_mode cap needs cap >= {p.n_sink + extra + 1}"
                 )
-            return dataclasses.replace(p, window_size=window)
+            return _check_scored(dataclasses.replace(p, window_size=window))
         if p.window_size is None:
-            raise KVStreamError("window_size is required for a sink policy with budget_mode fixed: set window_size >= 1")
+            raise KVStreamError(f"window_size is required for a {p.type} policy with budget_mode fixed: set window_size >= 1")
         _check_int("window_size", p.window_size, minimum=1)
-        return p
+        return _check_scored(p)
+
+
+def _check_scored(p: Policy) -> Policy:
+    """recent and seed: checked for the scored kinds, neutral (0) for sink."""
+    if not p.scored:
+        return dataclasses.replace(p, recent=0, seed=0)
+    _check_int("recent", p.recent, minimum=0)
+    _check_int("seed", p.seed, minimum=0)
+    if p.recent > p.window_size:
+        raise KVStreamError(f"recent={p.recent} exceeds window_size={p.window_size}: an event could find nothing to "
+                            "remove; use recent <= window_size")
+    return p
 
 
 def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
