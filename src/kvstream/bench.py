@@ -29,7 +29,7 @@ import torch
 from kvstream.errors import KVStreamError
 from kvstream.decode import Decoder, StepTimer
 from kvstream.provenance import device_name
-from kvstream.schedule import Policy, eviction_size, steady_schedule, timed_window
+from kvstream.schedule import SCORED_TYPES, Policy, eviction_size, steady_schedule, timed_window
 from kvstream.tiny import TINY_ARCHITECTURES
 
 SHAPES = {
@@ -116,7 +116,7 @@ class Row:
         r = self.knobs["compress_every"]
         if self.kind == "naive":  # the same peak as the sink rows: W = C - S - R
             return Policy("sink", n_sink=N_SINK, window_size=budget - N_SINK - r, compress_every=r)
-        return Policy("sink", n_sink=N_SINK, compress_every=r, budget_mode="cap", cap=budget)
+        return Policy(self.kind, n_sink=N_SINK, compress_every=r, budget_mode="cap", cap=budget)  # sink, scored
 
     def plan(self, budget: int, warmup: int, steps: int) -> None:
         """Timed steps per repeat: whole periods, >= steps and >= 2 events; untimed: transient + warmup."""
@@ -126,11 +126,14 @@ class Row:
         self.period = schedule.period
 
 
-def _rows(budget: int, naive: bool, graphs: bool) -> list[Row]:
+def _rows(budget: int, naive: bool, graphs: bool, scored: bool = True) -> list[Row]:
     rows = [Row("dense@C (floor)", "floor", graph=False)]
     for r in (1, 32, 64):
         rows.append(Row(f"sink R={r}", "sink", compress_every=r, graph=False))
     rows.append(Row("recompute", "recompute", graph=False))
+    for kind in SCORED_TYPES if scored else ():  # the price of choosing which tokens go, eager only
+        for r in (1, 64):
+            rows.append(Row(f"{kind} R={r}", kind, compress_every=r, graph=False))
     if naive:
         for r in (1, 64):
             rows.append(Row(f"naive R={r}", "naive", compress_every=r, graph=False))
@@ -225,10 +228,10 @@ def bytes_per_token(model, budget: int) -> int:
 
 def run_bench(shape: str, budget: int, device: torch.device, dtype: torch.dtype, *, steps: int, warmup: int,
               repeats: int, naive: bool = True, attn: str = "sdpa", graphs: bool | None = None,
-              recompute_steps: int | None = None) -> dict:
+              recompute_steps: int | None = None, scored: bool = True) -> dict:
     model = build_model(shape, device, dtype, attn)
     vocab = model.config.vocab_size
-    rows = _rows(budget, naive, graphs=device.type == "cuda" if graphs is None else graphs)
+    rows = _rows(budget, naive, graphs=device.type == "cuda" if graphs is None else graphs, scored=scored and attn == "sdpa")
     for row in rows:
         row.plan(budget, warmup, recompute_steps if row.kind == "recompute" and recompute_steps else steps)
     total_tokens = budget + max(r.warmup + r.window for r in rows) + 2

@@ -78,7 +78,9 @@ def _check_schema(cfg: dict, schema: dict) -> None:
             problem = "unknown field" + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else "")
         elif err.validator == "not" and len(path) == 2 and path[0] == "policies":
             field = _field(path)
-            problem = f"a policy of type {err.instance.get('type')} takes no n_sink/window_size/compress_every/cache_slack/max_drop"
+            kind = err.instance.get("type")
+            fields = "recent/seed" if kind in ("window", "sink") else "n_sink/window_size/compress_every/cache_slack/max_drop/recent/seed"
+            problem = f"a policy of type {kind} takes no {fields}"
         else:
             field, problem = _field(path), err.message
         if len(errors) > 1:
@@ -272,6 +274,8 @@ class Plan:
         """What decides a policy's cells on a dataset: kind, S, budget, cap, positions, cache-length trace."""
         p = self.policy(name)
         n = int(self.config["datasets"][dataset]["tokens_per_sample"])
+        if p.scored:  # which tokens go depends on every field: identical only as the same policy
+            return (p, tuple(cache_lengths(p, n)))
         return (p.type, p.n_sink, p.budget, p.cap, p.positions, tuple(cache_lengths(p, n)))
 
     def reused_from(self, dataset: str, policy: str) -> str | None:

@@ -17,14 +17,15 @@ import torch
 
 from kvstream.errors import KVStreamError
 from kvstream.decode import Decoder, StepTimer
-from kvstream.schedule import Policy, steady_schedule, timed_window
+from kvstream.schedule import SCORED_TYPES, Policy, steady_schedule, timed_window
 from kvstream.stats import ratio_ci
 
 HELD = "(one token written per step, host state rolled back, as bench's floor)"
 TIMED_AS = {"floor": f"dense cache held at floor_len tokens {HELD}",
             "dense": f"dense cache held at its steady length = cap {HELD}",
             "recompute": "a fresh forward over the last cap tokens per step (use_cache=False, logits_to_keep=1)",
-            "window": "streaming cache, whole schedule periods", "sink": "streaming cache, whole schedule periods"}
+            "window": "streaming cache, whole schedule periods", "sink": "streaming cache, whole schedule periods",
+            **{kind: "scored streaming cache (eager), whole schedule periods, scoring included" for kind in SCORED_TYPES}}
 
 
 # --- policies and their schedule (no model) -----------------------------------------------------

@@ -14,7 +14,7 @@ from kvstream.errors import KVStreamError
 def add_parser(subparsers) -> None:
     from kvstream.bench import SHAPES
 
-    p = subparsers.add_parser("bench", help="time decode steps: dense floor, sink R=1/32/64, recompute, naive reference")
+    p = subparsers.add_parser("bench", help="time decode steps: dense floor, sink R=1/32/64, recompute, score-based kinds, naive reference")
     p.add_argument("--shape", action="append", choices=tuple(SHAPES), help="model shape (repeatable)")
     p.add_argument("--budget", type=int, action="append", help="C: tokens each forward sees (repeatable)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive reference rows")
+    p.add_argument("--no-scored", dest="scored", action="store_false",
+                   help="skip the score-based rows (h2o, tova, knorm, random at R=1 and R=64; sdpa only)")
     p.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
                    help="also time fixed-shape steps (CUDA-graph replay on a GPU, eager on a CPU); auto: on CUDA")
     p.add_argument("--out", default=None, help="write the results as JSON here, and the table beside it as .md")
@@ -57,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     for shape in shapes:
         for budget in budgets:
             result = run_bench(shape, budget, device, dtype, steps=args.steps, warmup=args.warmup,
-                               repeats=args.repeats, naive=args.naive, attn=args.attn,
+                               repeats=args.repeats, naive=args.naive, scored=args.scored, attn=args.attn,
                                graphs={"auto": None, "on": True, "off": False}[args.graphs],
                                recompute_steps=args.recompute_steps)
             print(format_table(result) + "\n", flush=True)
