@@ -9,7 +9,6 @@ the timed region, after warm-up steps the step times form TPOT.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -19,14 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvstream.cells import nll_path
+from kvstream.cells import check_sample_length, nll_path, write_cell  # noqa: F401 - nll_path: tests import it here
 from kvstream.decode import Decoder, PeakMemory, StepTimer, sync
 from kvstream.errors import KVStreamError
 from kvstream.schedule import Policy, cache_lengths
-
-
-
-
 
 # ------------------------------------------------------------------------------------------------
 # inputs
@@ -41,6 +36,9 @@ def load_tokens(path: str | os.PathLike, max_tokens: int | None = None) -> np.nd
         tokens = np.load(path, allow_pickle=False)
     except Exception as exc:  # a broken or foreign file
         raise KVStreamError(f"--tokens {path}: not a readable .npy array ({exc})") from exc
+    if not isinstance(tokens, np.ndarray):  # np.load opens a .npz archive whatever the file's name
+        tokens.close()
+        raise KVStreamError(f"--tokens {path}: a .npz archive, not a .npy array: save one sample with numpy.save")
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise KVStreamError(
             f"--tokens {path}: expected a 1-D array of integer token ids, got shape {tokens.shape} dtype {tokens.dtype}"
@@ -51,6 +49,8 @@ def load_tokens(path: str | os.PathLike, max_tokens: int | None = None) -> np.nd
         tokens = tokens[:max_tokens]
     if tokens.size and tokens.min() < 0:
         raise KVStreamError(f"--tokens {path}: negative token id {int(tokens.min())}")
+    if tokens.size and int(tokens.max()) > np.iinfo(np.int64).max:  # uint64 ids would wrap to negative ones
+        raise KVStreamError(f"--tokens {path}: token id {int(tokens.max())} does not fit int64 (>= 2^63): not token ids")
     return tokens.astype(np.int64)
 
 
@@ -65,15 +65,8 @@ def check_cell_inputs(samples: list[np.ndarray], policy: Policy, recompute_every
                             + ", ".join(f"{name}: {n}" for name, n in zip(names, lengths)))
     if recompute_every < 1 or (recompute_every > 1 and policy.type != "recompute"):
         raise KVStreamError(f"--recompute-every {recompute_every}: must be >= 1, and > 1 only for policy recompute")
-    n = lengths[0]
-    prefill = policy.prefill_len(n)
-    if n < prefill + 2 or n <= prefill:
-        limit = "budget C = n_sink + window_size" if policy.evicts else "cap"
-        raise KVStreamError(
-            f"too few tokens for the prefill: N={n} tokens but the prefill takes P={policy.prefill_len(10**12)} "
-            f"({limit}); decoding needs N >= P + 2: use a longer sample (tokens_per_sample / --max-tokens) or a smaller {limit}"
-        )
-    return prefill
+    check_sample_length(policy, lengths[0])
+    return policy.prefill_len(lengths[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,7 +268,7 @@ def summarize(result: CellResult, policy: Policy, warmup: int) -> dict:
             "diagnostic_step_ms_median": float(np.median(timed)) if len(timed) else None,
             "diagnostic_step_ms_mean": float(timed.mean()) if len(timed) else None,
             "diagnostic_step_ms_p90": float(np.percentile(timed, 90)) if len(timed) else None,
-            "warmup_steps": min(warmup, len(result.step_ms)),
+            "warmup_steps": warmup if len(result.step_ms) > warmup else 0,  # too few steps: all are timed
             "timed_steps": int(len(timed)),
             "step_ms": [round(x, 4) for x in result.step_ms],
         },
@@ -290,10 +283,16 @@ def summarize(result: CellResult, policy: Policy, warmup: int) -> dict:
     }
 
 
-def write_cells(outs, results: list[CellResult], policy: Policy, warmup: int, labels: dict, provenances: list[dict]) -> None:
-    """Each cell's JSON and its per-target NLL (<cell>.nll.npy), each written atomically."""
-    from kvstream.io import atomic_path
+def _nll_writer(nll: np.ndarray):
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, nll)
+    return write
 
+
+def write_cells(outs, results: list[CellResult], policy: Policy, warmup: int, labels: dict, provenances: list[dict]) -> None:
+    """Each cell's JSON and its per-target NLL (<cell>.nll.npy), published as a pair (kvstream.cells.write_cell:
+    the JSON carries the sha256 of its .nll.npy)."""
     for out, result, prov in zip(outs, results, provenances):
         cell_labels = dict(labels)
         if len(outs) > 1:
@@ -301,11 +300,7 @@ def write_cells(outs, results: list[CellResult], policy: Policy, warmup: int, la
         record = {"cell": cell_labels}
         record.update(summarize(result, policy, warmup))
         record["provenance"] = prov
-        with atomic_path(nll_path(out)) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, result.nll)
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
+        write_cell(out, record, _nll_writer(result.nll))
         s = record["streaming"]
         print(
             f"{policy.type}: ppl {s['perplexity']:.4f} decode ppl {s['decode_perplexity']:.4f} "

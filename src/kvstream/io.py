@@ -80,17 +80,33 @@ def _fix_mode(path: Path, mode: int) -> None:
 @contextlib.contextmanager
 def atomic_path(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside `out`; on success it replaces `out`, on error it is removed."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    with atomic_paths(out) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(*outs: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yield a temporary file path beside each of `outs`; on success each replaces its output in the order
+    given (a reader who finds the last one new finds the others new too), on error all are removed.
+
+    Written together, published one rename after another: a failure between two renames leaves the
+    earlier outputs new beside an old later one, which only a checksum in the later one can reveal
+    (kvstream.cells.write_cell).
+    """
+    tmps: list[Path] = []
     try:
-        yield tmp_path
-        _fix_mode(tmp_path, 0o666)
-        os.replace(tmp_path, out)
+        for out in map(Path, outs):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield list(tmps)
+        for tmp, out in zip(tmps, outs):
+            _fix_mode(tmp, 0o666)
+            os.replace(tmp, out)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -165,7 +165,7 @@ def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike, dtype: str = "
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tied = _tied_weights(model)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise KVStreamError(f"{gguf.name}: weights do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
@@ -291,6 +291,7 @@ def prepare_model(source: str, out: str | os.PathLike, path: str | os.PathLike |
             record = _prepare_local(local, tmp)
         else:
             record = _prepare_hub(source, tmp, revision)
+        check_model_dir(tmp, f"--source {source}")
         record = _record(tmp, record)
     return record
 
@@ -306,21 +307,91 @@ def load_model(path_or_id: str | os.PathLike, device: Any = "cpu", dtype: Any = 
     attn_implementation="eager").
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     dtype = torch.float32 if dtype is None else resolve_dtype(dtype)
     device = resolve_device(device) if isinstance(device, str) or device is None else device
     name = str(path_or_id)
     if Path(name).exists() and not (Path(name) / "config.json").is_file():
         raise KVStreamError(f"--model {name} has no config.json; prepare it with `kvstream prepare-model`")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
-    except OSError as exc:
-        raise KVStreamError(f"--model {name}: cannot load the model ({exc}); give a directory written by "
-                            "`kvstream prepare-model` or a reachable Hub id") from None
+    model = _load_checked(name, f"--model {name}", dtype=dtype, **kwargs)
     model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception:  # noqa: BLE001 - a model without tokenizer files is still usable on token ids
         tokenizer = None
     return model, tokenizer
+
+
+def check_model_dir(path: str | os.PathLike, what: str) -> None:
+    """The weights of a model directory match its config.json (no tensor data read: the model is built on
+    the meta device); KVStreamError naming `what` and the problem otherwise."""
+    _load_checked(str(path), what, device_map="meta")
+
+
+def _load_checked(name: str, what: str, **kwargs):
+    """AutoModelForCausalLM.from_pretrained, refusing weights that do not match the config: transformers
+    fills a missing or mis-shaped weight with random values and drops an unexpected one, with only a log line."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                           **kwargs)
+    except OSError as exc:
+        raise KVStreamError(f"{what}: cannot load the model ({exc}); give a directory written by "
+                            "`kvstream prepare-model` or a reachable Hub id") from None
+    except SafetensorError as exc:
+        broken = _unreadable_safetensors(name)
+        raise KVStreamError(f"{what}: {broken or 'a weight file'} is not a readable safetensors file ({exc}): it is "
+                            "truncated or corrupt; prepare the model again") from None
+    _check_weights(model, info, what)
+    return model
+
+
+def _unreadable_safetensors(name: str) -> Path | None:
+    from safetensors import safe_open
+
+    for path in sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() else []:
+        try:
+            with safe_open(path, "pt") as f:
+                f.keys()
+        except Exception:  # noqa: BLE001 - whatever safetensors raises for a broken file
+            return path
+    return None
+
+
+def _tied_weights(model) -> set[str]:
+    """Weights that share another weight's tensor in this model (lm_head tied to the embeddings): a
+    checkpoint legitimately omits them."""
+    active = getattr(model, "all_tied_weights_keys", None)  # transformers >= 5: the ties in effect
+    if active is not None:
+        return set(active)
+    if getattr(model.config, "tie_word_embeddings", False):
+        return set(getattr(model, "_tied_weights_keys", None) or [])
+    return set()
+
+
+def _check_weights(model, info: dict, what: str) -> None:
+    def few(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+
+    tied = _tied_weights(model)
+    missing = [k for k in info.get("missing_keys") or () if k not in tied]
+    unexpected = list(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())  # (key, shape in the file, shape the config gives)
+    problems = []
+    if missing:
+        problems.append(f"weights the config needs are missing from the files: {few(missing)}")
+    if unexpected:
+        problems.append(f"the files hold weights the config has no place for: {few(unexpected)}")
+    if mismatched:
+        shapes = [f"{key} {tuple(saved)} in the file, {tuple(wanted)} by the config" for key, saved, wanted in mismatched[:4]]
+        problems.append("weights of another shape than the config gives: " + "; ".join(shapes)
+                        + (f" ({len(mismatched)} in all)" if len(mismatched) > 4 else ""))
+    if problems:
+        raise KVStreamError(f"{what}: the weights do not match config.json ({model.config.model_type}, "
+                            f"{getattr(model.config, 'num_hidden_layers', '?')} layers): " + "; ".join(problems)
+                            + ". transformers would run it with random values in their place: fix the model directory "
+                            "or prepare it again with `kvstream prepare-model`")

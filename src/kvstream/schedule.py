@@ -108,8 +108,11 @@ class Policy:
     def resolved(self) -> "Policy":
         """Validate every field and return the policy with derived values filled in.
 
-        window: S = 0, R = 1, no slack, no drop cap. sink with budget_mode cap:
-        W = cap - S - max(R, sigma + 1). Raises KVStreamError naming the field and the allowed range.
+        window: S = 0, R = 1, no slack, no drop cap. budget_mode cap (docs/method.md, "The `sink`
+        schedule"): W = cap - S - max(R, sigma + 1), for window W = cap - 1. A field the type does not use
+        is set to its neutral value (cap without budget_mode cap, positions without a cache that evicts,
+        recent and seed but for the scored kinds), so a value given for it differs from the resolved
+        one (kvstream.cli.eval refuses that). Raises KVStreamError naming the field and the allowed range.
         """
         p = self
         if p.type not in POLICY_TYPES:
@@ -123,11 +126,17 @@ class Policy:
             if p.cap is None:
                 raise KVStreamError(f"cap is required for policy type {p.type} (the recompute window / prefill length): set cap >= 1")
             # knobs of the eviction schedule do not apply: record them at their neutral values
-            return dataclasses.replace(p, n_sink=0, window_size=None, compress_every=1, cache_slack=0, max_drop=None,
-                                       budget_mode="fixed")
+            return _check_scored(dataclasses.replace(p, n_sink=0, window_size=None, compress_every=1, cache_slack=0,
+                                                     max_drop=None, budget_mode="fixed", positions="relative"))
+        if p.budget_mode == "fixed":
+            p = dataclasses.replace(p, cap=None)  # the peak length of budget_mode cap only
         if p.type == "window":
+            if p.budget_mode == "cap":  # S = 0, R = 1, sigma = 0: W = cap - max(1, 0 + 1)
+                if p.cap is None or p.cap < 2:
+                    raise KVStreamError(f"budget_mode cap needs cap >= 2 for a window policy (W = cap - 1), got cap={p.cap}")
+                p = dataclasses.replace(p, window_size=p.cap - 1)
             _check_int("window_size", p.window_size, minimum=1)
-            return dataclasses.replace(p, n_sink=0, compress_every=1, cache_slack=0, max_drop=None, budget_mode="fixed")
+            return _check_scored(dataclasses.replace(p, n_sink=0, compress_every=1, cache_slack=0, max_drop=None))
         # sink and the scored kinds (the same schedule)
         _check_int("n_sink", p.n_sink, minimum=0)
         _check_int("compress_every", p.compress_every, minimum=1)

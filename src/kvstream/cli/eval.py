@@ -8,13 +8,15 @@ defaults.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from kvstream.errors import KVStreamError
-from kvstream.schedule import POLICY_TYPES, Policy
+from kvstream.schedule import DERIVED_KEYS, POLICY_TYPES, Policy
 
 # flag -> Policy field; a flag left unset takes the Policy default (one source of defaults)
 POLICY_FLAGS = {"policy": "type", "n_sink": "n_sink", "window_size": "window_size", "compress_every": "compress_every",
@@ -34,9 +36,27 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     if "type" not in given:
         raise KVStreamError("give the policy: --policy-json '{\"type\": ...}' or --policy TYPE with its flags")
     try:
-        return Policy.from_dict(given)
+        policy = Policy.from_dict(given)
     except KVStreamError as exc:
         raise KVStreamError(f"policy: {exc}") from None
+    flags = {field: "--" + flag.replace("_", "-") for flag, field in POLICY_FLAGS.items()}
+    _refuse_unused(given, policy, lambda field: f"{flags[field]} {given[field]}")
+    return policy
+
+
+def _refuse_unused(given: dict, policy: Policy, name) -> None:
+    """A field given with another value than the resolved policy holds is one the type does not use (or
+    derives): refused, so that no knob is silently dropped. Given at that value it changes nothing and is
+    accepted (the pipeline passes every field of the resolved policy). name(field): how the error names it."""
+    resolved = dataclasses.asdict(policy)
+    for field, value in given.items():
+        if field in DERIVED_KEYS or field == "type" or resolved.get(field) == value:
+            continue
+        if field == "window_size" and policy.budget_mode == "cap":
+            why = f"budget_mode cap derives window_size from cap (here {policy.window_size})"
+        else:
+            why = f"a {policy.type} policy does not use {field} (it holds {resolved.get(field)!r})"
+        raise KVStreamError(f"{name(field)}: {why}: leave it out")
 
 
 def load_policy_json(spec: str) -> Policy:
@@ -49,9 +69,11 @@ def load_policy_json(spec: str) -> Policy:
     except json.JSONDecodeError as exc:
         raise KVStreamError(f"--policy-json: not valid JSON ({exc})") from None
     try:
-        return Policy.from_dict(raw)
+        policy = Policy.from_dict(raw)
     except KVStreamError as exc:
         raise KVStreamError(f"--policy-json: {exc}") from None
+    _refuse_unused(raw, policy, lambda field: f"--policy-json: {field}={raw[field]!r}")
+    return policy
 
 
 def _optional_int(value: str):
@@ -77,7 +99,8 @@ def add_parser(subparsers) -> None:
                    help="1-D .npy of int token ids; several equal-length samples are evaluated as one batch")
     p.add_argument("--policy-json", default=None,
                    help="the policy as one JSON object (or a file holding one): the fields of kvstream.schedule.Policy")
-    g = p.add_argument_group("policy fields (an alias of --policy-json; unset flags take Policy's defaults)")
+    g = p.add_argument_group("policy fields (an alias of --policy-json; unset flags take Policy's defaults; "
+                             "a flag the policy type does not use is refused)")
     g.add_argument("--policy", choices=POLICY_TYPES, default=_UNSET)
     g.add_argument("--n-sink", type=int, default=_UNSET, help="S: attention-sink tokens never evicted (sink; default 4)")
     g.add_argument("--window-size", type=int, default=_UNSET, help="W: most recent tokens kept (window, sink with fixed budget)")
@@ -105,6 +128,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from kvstream.cells import check_cell_outputs, decode_steps
     from kvstream.evaluate import check_cell_inputs, load_tokens, run_cells, write_cells
     from kvstream.models import load_model, resolve_device, resolve_dtype
     from kvstream.provenance import cell_provenance
@@ -115,9 +139,6 @@ def main(args: argparse.Namespace) -> int:
         raise KVStreamError(f"--out names {len(outs)} cell(s) but --tokens {len(args.tokens)}: give one --out per --tokens file")
     if len(set(outs)) != len(outs):
         raise KVStreamError("--out: the same path is given twice")
-    for out in outs:
-        if not str(out).endswith(".json"):
-            raise KVStreamError(f"--out {out}: must end in .json")
     labels = dict(args.label)
     if len(outs) > 1 and "sample" in labels:
         raise KVStreamError("--label sample=...: with several cells the sample label is each --out file's name (s0.json -> s0)")
@@ -128,8 +149,17 @@ def main(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
     samples = [load_tokens(t, args.max_tokens) for t in args.tokens]
     check_cell_inputs(samples, policy, args.recompute_every, names=list(args.tokens))
+    n, steps = len(samples[0]), decode_steps(policy, len(samples[0]))
+    if args.warmup >= steps:
+        raise KVStreamError(f"--warmup {args.warmup}: the run has only {steps} decode step(s) (N={n} tokens, prefill "
+                            f"{policy.prefill_len(n)}), so none would be left to time: use --warmup < {steps} or more tokens")
+    timed = len(range(0, steps, args.recompute_every))
+    if args.warmup >= timed:  # recompute scoring every k-th target: a diagnostic over few forwards
+        print(f"note: --warmup {args.warmup} >= the {timed} forwards that recompute runs with --recompute-every "
+              f"{args.recompute_every}: its step-time diagnostic covers all of them (timing.warmup_steps 0)", file=sys.stderr)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
+    check_cell_outputs(outs)  # the last check: it makes the output folders
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
