@@ -267,9 +267,9 @@ class StreamingCache(Cache):
         if plan.src is not None:
             keys.index_copy_(3, plan.dst, keys.index_select(3, plan.src))
             values.index_copy_(3, plan.dst, values.index_select(3, plan.src))
-        if plan.rebase:
-            window = keys[:, :, :, self.n_sink : plan.length]
-            window.copy_(self.rotary.rotate(window, -plan.rebase))
+        if plan.rebase:  # layer by layer, in place: the temporaries are one layer's window, not the cache's
+            for layer in range(self.n_layers):
+                self.rotary.rotate_(keys[layer, :, :, self.n_sink : plan.length], -plan.rebase)
         if plan.sink_delta is not None:
             keys[:, :, :, : self.n_sink] = self.rotary.rotate(self.sink_keys, plan.sink_delta)
 

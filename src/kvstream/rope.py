@@ -84,6 +84,21 @@ class Rotary:
         out[..., :rd] = (x * cos + rotated_half * sin).to(keys.dtype)
         return out
 
+    def rotate_(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """In place: keys rotated by `delta` positions, with the same arithmetic as `rotate` (its only
+        temporaries are the rotary dims of `keys`; pass small slices to keep them small)."""
+        if delta == 0:
+            return keys
+        work = torch.float64 if keys.dtype in (torch.float32, torch.float64) else torch.float32
+        cos, sin = self.cos_sin(delta)
+        cos, sin = cos.to(work), sin.to(work)
+        rd = self.rotary_ndims
+        x = keys[..., :rd].to(work)
+        half = rd // 2
+        rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        keys[..., :rd] = (x * cos + rotated_half * sin).to(keys.dtype)
+        return keys
+
     def rotate_each(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         """keys [..., n, head_dim] each rotated by its own delta (deltas: [n] integers), rounded once."""
         work = torch.float64 if keys.dtype in (torch.float32, torch.float64) else torch.float32
