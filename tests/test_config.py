@@ -154,7 +154,7 @@ def plan(cfg: dict = DEFAULT, **changes) -> Plan:
 def test_shipped_configs_pass_and_get_the_schema_defaults(path):
     cfg = checked(load_config(REPO / path))
     for e in cfg["experiments"].values():
-        assert e["reference"] == "recompute" and e["role"] in ("main", "ablation", "sweep", "peak_matched", "sanity")
+        assert e["reference"] == "recompute" and e["role"] in ("main", "ablation", "sweep", "peak_matched", "sanity", "zoo")
         assert (e["role"] == "sweep") == ("knob" in e)
     assert cfg["speed"]["rounds"] >= 2 and cfg["eval"]["positions"] == "relative"
     assert cfg["paper"]["baseline"] == "mit_streaming"
@@ -204,8 +204,9 @@ def test_policies_go_through_policy():
     cap = DEFAULT["eval"]["cap"]
     for name in p.config["policies"]:
         fields = p.policy_fields(name)
+        scored = {"recent", "seed"} if p.policy(name).scored else set()
         assert set(fields) == {"type", "n_sink", "window_size", "compress_every", "cache_slack", "max_drop",
-                               "budget_mode", "cap", "positions"}
+                               "budget_mode", "cap", "positions"} | scored
         assert Policy.from_dict(fields) == p.policy(name)
         assert json.loads(shlex.split(p.policy_json(name))[0]) == fields
     assert p.policy("capped").max_forward_len == cap and p.policy("capped").budget == cap - 16
@@ -262,7 +263,8 @@ def test_paths_and_batches():
     assert p.nll_paths([p.cell_path("kjv", "window", 0)]) == ["results/cells/smollm2-135m/kjv/window/s0.nll.npy"]
     assert p.sample_batches("kjv") == [[0, 1, 2], [3]]
     cells = p.used_cells()
-    assert len(cells) == len(set(cells)) == 4 * len(p.dataset_policies("kjv"))
+    assert len(cells) == len(set(cells)) == sum(
+        DEFAULT["datasets"][d]["n_samples"] * len(p.dataset_policies(d)) for d in DEFAULT["datasets"])
 
 
 def test_resources_and_the_gpu_request():

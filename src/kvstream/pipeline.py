@@ -8,7 +8,6 @@ budget math itself. Identical schedules share their cells (docs/method.md, "Iden
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import os
@@ -17,9 +16,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from kvstream.cells import nll_path
+from kvstream.cells import check_sample_length, decode_steps, nll_path
 from kvstream.errors import KVStreamError
-from kvstream.schedule import Policy, cache_lengths
+from kvstream.schedule import DERIVED_KEYS, Policy, cache_lengths
 
 
 class ConfigError(KVStreamError):
@@ -52,6 +51,7 @@ def check_config(cfg: dict, schema: dict) -> dict:
     _check_schema(cfg, schema)
     _check_policies(cfg)
     _check_experiments(cfg)
+    _check_samples(cfg)
     _check_paper(cfg)
     return cfg
 
@@ -154,6 +154,25 @@ def _check_experiments(cfg: dict) -> None:
             if main is not None:
                 raise ConfigError(f"{field}.role", f"experiments.{main} is already the main experiment: one has role main")
             main = name
+
+
+def _check_samples(cfg: dict) -> None:
+    """Each dataset's samples are long enough for every policy run on them (kvstream.cells.check_sample_length)
+    and leave decode steps after eval.warmup: what `kvstream eval` checks, here before any job."""
+    plan = Plan(cfg, use_cuda=False)  # its policies: the ones the jobs get
+    for e in plan.experiments:
+        ds = plan.experiment_dataset(e)
+        n = int(cfg["datasets"][ds]["tokens_per_sample"])
+        for name in plan.experiment_policies(e):
+            field = f"datasets.{ds}.tokens_per_sample"
+            try:
+                check_sample_length(plan.policy(name), n)
+            except KVStreamError as exc:
+                raise ConfigError(field, f"policy {name} (experiment {e}): {exc}") from None
+            steps = decode_steps(plan.policy(name), n)
+            if cfg["eval"]["warmup"] >= steps:
+                raise ConfigError("eval.warmup", f"{cfg['eval']['warmup']} warm-up steps leave none to time: policy {name} "
+                                  f"has {steps} decode step(s) on dataset {ds} ({n} tokens a sample)")
 
 
 def _check_paper(cfg: dict) -> None:
@@ -259,7 +278,8 @@ class Plan:
 
     def policy_fields(self, name: str) -> dict:
         """Every field of the resolved policy, as `kvstream eval --policy-json` and Policy.from_dict read them."""
-        return dataclasses.asdict(self.policy(name))
+        fields = self.policy(name).as_dict()  # as a cell records it: the scored kinds' fields only for them
+        return {k: v for k, v in fields.items() if k not in DERIVED_KEYS}
 
     def policy_json(self, name: str) -> str:
         """policy_fields as one shell-quoted JSON object."""
