@@ -16,7 +16,7 @@ import pytest
 from kvstream.study import aggregate as study_aggregate
 from kvstream.study import figures, macros, tables
 from kvstream.study.latex import write_text
-from test_report import LABELS, ROLES, make_experiment, speed_of
+from test_report import LABELS, ROLES, ZOO, make_experiment, speed_of
 from test_report import PAPER as PAPER_BLOCK  # the config's paper: block (PAPER here is the paper folder)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +95,7 @@ def test_compressed_paper_shows_the_generated_numbers(tmp_path):
     assert f"{speed}×" in flat or f"{speed} ×" in flat or speed in flat
     assert "Ann Author" in flat and "ann@example.org" in flat and "Bob Writer" in flat
     assert "??" not in flat  # no undefined reference or missing macro value
+    assert "Which tokens to evict" not in flat  # no zoo experiment: no zoo section
     pages = subprocess.run(["pdfinfo", str(paper / "neurips_2025_compressed.pdf")], text=True,
                            stdout=subprocess.PIPE).stdout
     assert int(re.search(r"Pages:\s+(\d+)", pages).group(1)) >= 4
@@ -109,3 +110,19 @@ def test_long_paper_builds_with_only_the_main_experiment(tmp_path):
     assert all(n in flat for n in nums)
     assert "??" not in flat
     assert "Slack and max-drop (Table" not in flat  # the ablation section is left out when it did not run
+    assert "Which tokens to evict" not in flat  # so is the zoo's
+
+
+@needs_tex
+def test_long_paper_builds_with_a_zoo(tmp_path):
+    """The zoo section, its table and both figures appear when a zoo aggregate exists (role zoo)."""
+    paper = generate(tmp_path, {"table1": EXPERIMENTS["table1"], "zoo": list(ZOO)})
+    assert (paper / "generated" / "figures" / "zoo_ppl.pdf").exists()
+    text = _norm(build(paper, "neurips_2025"))
+    flat = re.sub(r"\s+", " ", text)
+    assert "Which tokens to evict: score-based eviction at decode time" in flat
+    nums = table_numbers((paper / "generated" / "tables" / "zoo.tex").read_text())
+    missing = sorted(n for n in nums if n not in flat)
+    assert nums and not missing, f"zoo: numbers of the generated table not in the PDF: {missing}"
+    assert "H2O has a" in flat and "PPL increase" in flat  # a sentence whose direction comes from the data
+    assert "??" not in flat

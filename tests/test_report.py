@@ -38,6 +38,16 @@ PRESETS = {
     "sweep_r2": {"type": "sink", "n_sink": 8, "window_size": 8, "compress_every": 2, "cache_slack": 4,
                  "max_drop": 8},
 }
+# The policy zoo: every kind at peak lengths 16 and 32 (W = peak - S - R), R in {1, 4}; the window at R = 1.
+ZOO = {"recompute": "recompute"}
+for _peak in (16, 32):
+    for _r in (1, 4):
+        for _kind in ("sink", "h2o", "tova", "knorm", "random"):
+            ZOO[f"zoo_{_kind}_p{_peak}_r{_r}"] = _kind
+            PRESETS[f"zoo_{_kind}_p{_peak}_r{_r}"] = {"type": _kind, "n_sink": 4, "window_size": _peak - 4 - _r,
+                                                      "compress_every": _r, "cache_slack": 0, "max_drop": None}
+    ZOO[f"zoo_window_p{_peak}"] = "window"
+    PRESETS[f"zoo_window_p{_peak}"] = {"type": "window", "window_size": _peak - 1, "compress_every": 1, "cache_slack": 0}
 
 
 # The config's `paper:` block for these policies (display names and macro stems of the presets).
@@ -50,7 +60,7 @@ PAPER = {"baseline": "mit_streaming", "eager": "ours_eager", "presets": ["ours_b
                    "ours_eager": "Eager", "ours_best": "Best", "ours_softlite": "Softlite"}}
 # Roles (and knobs) of the experiments these tests build, as config `experiments.<name>`.
 ROLES = {"table1": {"role": "main"}, "table2": {"role": "ablation"},
-         "sweep_compress_every": {"role": "sweep", "knob": "compress_every"}}
+         "sweep_compress_every": {"role": "sweep", "knob": "compress_every"}, "zoo": {"role": "zoo"}}
 
 _SPEED: dict[str, dict[str, list[float]]] = {}
 
@@ -93,18 +103,22 @@ def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: fl
     nll = np.asarray(nll, dtype=np.float32)
     n = nll.size
     dec = nll[prefill:]  # decode targets: after the P prefill targets (as kvstream eval)
-    budget = (params.get("n_sink") or 0) + (params.get("window_size") or 0) if params["type"] == "sink" else \
+    evicts = params["type"] in ("sink", "h2o", "tova", "knorm", "random")
+    budget = (params.get("n_sink") or 0) + (params.get("window_size") or 0) if evicts else \
         params.get("window_size") or 16
     steps = n + 1 - prefill
     if trace is None:
         trace = [budget + 1] * steps
+    # the schedule's largest forward C + max(R, sigma + 1), as the policy block carries it (cap: recompute)
+    peak_len = budget + max(params.get("compress_every") or 1, (params.get("cache_slack") or 0) + 1) if evicts \
+        else budget + 1 if params["type"] == "window" else max(trace)
     step_ms = [tpot_ms] * steps
     cell = {
         "cell": {"model": model, "dataset": dataset, "policy": policy, "sample": str(sample)},
         "policy": {"type": params["type"], "n_sink": params.get("n_sink"), "window_size": params.get("window_size"),
                    "compress_every": params.get("compress_every"), "cache_slack": params.get("cache_slack"),
                    "max_drop": params.get("max_drop"), "budget_mode": params.get("budget_mode", "fixed"), "cap": 16,
-                   "positions": "relative", "budget": budget, "max_forward_len": max(trace),
+                   "positions": "relative", "budget": budget, "max_forward_len": peak_len,
                    "prefill_len": prefill},
         "metrics": {"speedup": None, "tpot_ms": None, "ppl_increase_percent": None,
                     "peak_memory_mb": peak_mb},
@@ -517,3 +531,103 @@ def test_policy_label_takes_knobs_from_the_parameters():
     assert policy_label("w", {"type": "window", "window_size": 16}, "Window (no sinks)") == "Window (no sinks, W=16)"
     assert policy_label("recompute", {"type": "recompute"}, "Full recomputation") == "Full recomputation"
     assert policy_label("abl_s0", lazy) == "abl_s0"  # no label: the name
+
+
+# ----------------------------------------------------------------------------------- policy zoo
+def _zoo_agg(root: Path, policies: list[str] | None = None, n_samples: int = 3) -> dict:
+    """A zoo aggregate (role zoo) over the synthetic cells; NLL and TPOT grow with the position in `policies`."""
+    policies = policies or list(ZOO)
+    return aggregate(root, make_experiment(root, policies, n_samples=n_samples), experiment="zoo", policies=policies)
+
+
+def test_policy_label_names_scored_kinds():
+    from kvstream.study.roles import policy_label
+
+    h2o = dict(type="h2o", n_sink=4, compress_every=32, cache_slack=0, max_drop=None, budget_mode="fixed")
+    assert policy_label("zoo_h2o", h2o) == "H2O (R=32)"  # no label: the kind's name and R
+    assert policy_label("zoo_knorm", dict(h2o, type="knorm", budget_mode="cap")) == "Key-norm (R=32, cap)"
+    assert policy_label("zoo_tova", dict(h2o, type="tova"), "Mine") == "Mine (R=32)"
+    assert policy_label("zoo_sink", dict(h2o, type="sink")) == "zoo_sink"  # other kinds keep their name
+
+
+def test_zoo_table_one_block_per_peak_and_r(tmp_path):
+    from kvstream.study import zoo
+
+    agg = _zoo_agg(tmp_path)
+    assert agg["role"] == "zoo"
+    table = tables.experiment_table(agg, "zoo")
+    assert r"\label{tab:zoo}" in table and "Which tokens to evict" in table
+    assert "over the 3 samples" in table and "(16 and 32 tokens)" in table  # interval and equal peak lengths
+    body = table[table.index(r"\begin{tabular}"):]
+    rows = [line for line in body.splitlines() if line.endswith(r"\\") and "&" in line][1:]  # after the head
+    assert rows[0].startswith("Full recomputation (ref.)")
+    first = [r.split(" & ")[:3] for r in rows[1:7]]  # peak 16, R = 1: sink first, then the kinds in order
+    assert first == [["Sink (StreamingLLM)", "1", "16"], ["Window (no sinks)", "1", "16"], ["H2O", "1", "16"],
+                     ["TOVA", "1", "16"], ["Key-norm", "1", "16"], ["Random", "1", "16"]]
+    h2o = agg["policies"]["zoo_h2o_p16_r1"]
+    line = next(r for r in rows if r.startswith("H2O & 1 & 16"))
+    assert latex.fmt_ci(h2o, "decode_ppl_increase_percent", 2, signed=True) in line
+    assert latex.fmt_ci(h2o, "tpot_ms", 1) in line and latex.fmt_ci(h2o, "speedup") in line
+    assert body.count(r"\midrule") == 1 + len(zoo.blocks(agg))  # head, then one rule per block
+    assert [k[:2] for k in zoo.blocks(agg)] == [(16, 1), (16, 4), (32, 1), (32, 4)]
+    agg["policies"]["zoo_h2o_p16_r1"]["recent"] = 4  # where the aggregate has H2O's recent window, it is shown
+    assert "H2O (recent 4) & 1 & 16" in tables.experiment_table(agg, "zoo")
+
+
+def _zoo_macros(agg) -> dict[str, str]:
+    return _newcommands(macros.macros_tex({"zoo": agg}, {"experiments": {"zoo": {"role": "zoo"}}}))
+
+
+def test_zoo_sentences_take_their_direction_from_the_data(tmp_path):
+    # h2o before sink in the list: a smaller NLL shift, so a lower PPL increase; knorm after: higher
+    pols = ["recompute", "zoo_h2o_p16_r1", "zoo_sink_p16_r1", "zoo_knorm_p16_r1"]
+    agg = _zoo_agg(tmp_path, pols)
+    tex = macros.macros_tex({"zoo": agg}, {"experiments": {"zoo": {"role": "zoo"}}})
+    assert r"\haveZootrue" in tex
+    m = _newcommands(tex)
+    quality = m["ZooQualitySentence"]
+    assert "paired over the 3 samples" in quality
+    assert "H2O has a lower PPL increase" in quality and "Key-norm has a higher PPL increase" in quality
+    diff = contrast(agg, {"zoo_h2o_p16_r1": 1, "zoo_sink_p16_r1": -1}, metric="decode_ppl_increase_percent")
+    assert diff["hi"] < 0 and latex.fmt(diff["value"], 2, True) in quality
+    assert m["ZooPeaks"] == "16" and m["ZooRValues"] == "1" and m["ZooNSamples"] == "3"
+    assert m["ZooTableRef"] == r"Table~\ref{tab:zoo}" and m["KvZooTable"] == r"\input{generated/tables/zoo.tex}"
+    assert "H2O 0.92$\\times$" in m["ZooSpeedSentence"] and "faster" in m["ZooSpeedSentence"]  # 11 ms vs 12 ms
+    assert "one $R$ only" in m["ZooLazySentence"]
+    assert "no forward measured" in m["ZooSetupSentence"]
+
+
+def test_zoo_similar_when_the_interval_includes_zero(tmp_path):
+    base = [np.linspace(1.0, 3.0, 47) + 0.1 * i for i in range(4)]
+    noise = [0.02, -0.02, 0.01, -0.01]  # tova vs sink: differences of both signs across samples
+    paths = []
+    for i in range(4):
+        paths.append(make_cell(tmp_path, "recompute", i, base[i], 100.0))
+        paths.append(make_cell(tmp_path, "zoo_sink_p16_r1", i, base[i] + 0.1, 10.0))
+        paths.append(make_cell(tmp_path, "zoo_tova_p16_r1", i, base[i] + 0.1 + noise[i], 10.0))
+    agg = aggregate(tmp_path, paths, experiment="zoo", policies=["recompute", "zoo_sink_p16_r1", "zoo_tova_p16_r1"])
+    quality = _zoo_macros(agg)["ZooQualitySentence"]
+    assert "TOVA has a similar PPL increase" in quality and "the interval includes zero" in quality
+
+
+def test_zoo_macros_without_a_zoo_are_placeholders(tmp_path):
+    aggs = _all_aggs(tmp_path)
+    tex = macros.macros_tex(aggs, {"experiments": ROLES, "paper": PAPER})
+    assert r"\haveZoofalse" in tex and r"\haveZootrue" not in tex
+    assert _newcommands(tex)["ZooQualitySentence"] == "n/a"
+
+
+def test_zoo_figures_with_one_and_several_budgets(tmp_path):
+    from kvstream.study import figures, zoo_figures
+
+    agg = _zoo_agg(tmp_path / "full")
+    out = figures.all_figures({"zoo": agg}, [], tmp_path / "fig", extra_dirs=[tmp_path / "paperfig"])
+    names = {p.name for p in out}
+    for stem in zoo_figures.ZOO_FIGURES:
+        assert {f"{stem}.pdf", f"{stem}.png"} <= names
+        assert (tmp_path / "paperfig" / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
+    one = _zoo_agg(tmp_path / "one", ["recompute", "zoo_sink_p16_r4", "zoo_h2o_p16_r4", "zoo_knorm_p16_r4"], 2)
+    out = zoo_figures.zoo_figures(one, tmp_path / "fig_one")  # one budget, one R: points
+    assert sorted(p.name for p in out) == ["zoo_ppl.pdf", "zoo_ppl.png", "zoo_speed.pdf", "zoo_speed.png"]
+    with pytest.raises(ValueError, match="unknown zoo figure"):
+        zoo_figures.zoo_figure(one, "zoo_other", tmp_path / "fig_one")

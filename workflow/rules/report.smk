@@ -7,13 +7,16 @@
 # aggregates, tables and figures of the experiments that contain it. What each experiment is for comes
 # from the config (experiments.<name>.role, knob; the `paper` block), never from its name: the main
 # experiment (role main, else the first) gives the cache-trace and per-token NLL figures, the sweeps
-# (role sweep) a figure each, the reproduction table takes the main experiment and the ablations.
+# (role sweep) a figure each, the reproduction table takes the main experiment and the ablations, the
+# first policy zoo (role zoo) gives zoo_ppl and zoo_speed (kvstream.study.zoo_figures).
 
 REPORT_SEED = int(config["eval"]["seed"])
 REPORT_N_BOOT = 2000
 
 SWEEPS = PLAN.sweeps
-FIGURES = ["tradeoff", "cache_trace", "nll_along", *SWEEPS]
+ZOOS = [e for e in EXPERIMENTS if PLAN.experiment_role(e) == "zoo"]
+ZOO_FIGURES = ["zoo_ppl", "zoo_speed"] if ZOOS else []
+FIGURES = ["tradeoff", "cache_trace", "nll_along", *SWEEPS, *ZOO_FIGURES]
 PAPER_TABLES = [f"paper/generated/tables/{e}.tex" for e in EXPERIMENTS]
 PAPER_TABLES.extend(["paper/generated/tables/reproduction.tex", "paper/generated/tables/setup.tex"])
 PAPER_FIGURES = [f"paper/generated/figures/{f}.pdf" for f in FIGURES]
@@ -28,6 +31,7 @@ ALL_TARGETS.extend([*PAPER_TABLES, *PAPER_FIGURES, PAPER_MACROS])
 wildcard_constraints:
     experiment=alternation(EXPERIMENTS),
     sweep=alternation(SWEEPS),
+    zoo_figure=alternation(ZOO_FIGURES),
 
 
 rule aggregate:
@@ -231,6 +235,33 @@ rule figure_nll_along:
         paper=PLAN.paper_config()["paper"],
     log:
         "results/logs/figures/nll_along.log",
+    threads: 1
+    resources:
+        **PLAN.rule_resources("report"),
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/figures.py"
+
+
+rule figure_zoo:
+    input:
+        aggregate=[PLAN.aggregate_path(e, "json") for e in ZOOS[:1]],
+    output:
+        pdf="results/figures/{zoo_figure}.pdf",
+        png=report(
+            "results/figures/{zoo_figure}.png",
+            caption="../report/zoo.rst",
+            category="Figures",
+            subcategory="Policy zoo",
+            labels={"figure": "{zoo_figure}"},
+        ),
+        paper="paper/generated/figures/{zoo_figure}.pdf",
+    params:
+        kind="zoo",
+        paper=PLAN.paper_config()["paper"],
+    log:
+        "results/logs/figures/{zoo_figure}.log",
     threads: 1
     resources:
         **PLAN.rule_resources("report"),

@@ -11,6 +11,7 @@ from _log import logged, paths  # noqa: E402
 with logged(snakemake):  # noqa: F821
     from kvstream.study import figures
     from kvstream.study.aggregate import load_aggregates
+    from kvstream.study.zoo_figures import zoo_figure
 
     sm = snakemake  # noqa: F821
     out_pdf = Path(sm.output.pdf)
@@ -24,6 +25,8 @@ with logged(snakemake):  # noqa: F821
         figures.sweep(aggs[sm.wildcards.sweep], sm.wildcards.sweep, out_pdf.parent, name=name)
     elif kind == "cache_trace":
         figures.cache_trace(paths(sm.input.cells), out_pdf.parent, name=name)
+    elif kind == "zoo":  # the first zoo experiment's aggregate; the figure by its name (zoo_ppl, zoo_speed)
+        zoo_figure(next(iter(load_aggregates(paths(sm.input.aggregate)).values())), name, out_pdf.parent)
     elif kind == "nll_along":
         figures.nll_along(paths(sm.input.cells), out_pdf.parent, name=name, policies=list(sm.params.policies),
                           paper=paper)

@@ -8,7 +8,9 @@ Modules by job (no module imports one that imports it back):
 - `published`: the original study's published numbers (`published.json`);
 - `latex`: escaping and number formatting, macro stems, the macro file;
 - `tables`: experiment, reproduction and setup tables; `claims` and `macros`: macros.tex;
-- `figures`: the trade-off, sweeps, cache trace and NLL figures;
+- `zoo`: the policy zoo (role zoo): its table rows, numbers and data-driven sentences;
+- `plotting`: the figures' shared style and writing; `figures`: the trade-off, sweeps, cache trace and NLL
+  figures; `zoo_figures`: the zoo's PPL-against-budget and speed-against-R figures;
 - `bench_table`: the decode-step benchmark's table and macros.
 Command line: `kvstream aggregate|tables|macros|figures` (kvstream.cli.study).
 """

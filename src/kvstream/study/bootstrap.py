@@ -132,8 +132,9 @@ def contrast(agg: Mapping, weights: Mapping[str, float], metric: str = "ppl_incr
              n_boot: int | None = None, seed: int | None = None) -> dict:
     """A linear contrast sum_p w_p * metric_p between policies of one experiment, with a paired
     bootstrap interval (the same resampled samples for every policy; needs the per-sample values).
-    metric: ppl_increase_percent (vs the reference, from the paired per-sample sums). Speed contrasts come
-    from the speed run's rounds (`claims.speed_ratio`), not from samples."""
+    metric: ppl_increase_percent or decode_ppl_increase_percent (vs the reference, from the paired
+    per-sample sums). Speed contrasts come from the speed run's rounds (`claims.speed_ratio`), not from
+    samples."""
     rows = agg["policies"]
     ref = agg.get("reference")
     if ref is None or ref not in rows:
@@ -144,7 +145,7 @@ def contrast(agg: Mapping, weights: Mapping[str, float], metric: str = "ppl_incr
     idx = bootstrap_indices(n, n_boot, seed)
 
     def value(pol, ix):
-        if metric == "ppl_increase_percent":
+        if metric in ("ppl_increase_percent", "decode_ppl_increase_percent"):
             if pol == ref:
                 return 0.0 if ix is None else np.zeros(len(ix))
             sums = rows[pol]["paired"][metric]

@@ -5,7 +5,9 @@
 - `cache_trace`: the MEASURED cache length (`trace.cache_len` of cells) over the first decode steps for
   sink policies with R = 1, 32, 64 (or whichever R values exist);
 - `nll_along`: per-token NLL (moving average) along the sequence for the reference, the window cache and
-  the paper's baseline (or the first sink policy).
+  the paper's baseline (or the first sink policy);
+- `zoo_ppl`, `zoo_speed`: the policy zoo's figures (`zoo_figures`).
+Shared style, colours and writing: `plotting`.
 
 Which experiment is which comes from its role, point labels from the config's `paper:` block (`roles`).
 """
@@ -20,54 +22,14 @@ import numpy as np
 
 from kvstream.study.inputs import group_cells, load_nll, sample_order
 from kvstream.study.latex import fmt_knob
+from kvstream.study.plotting import COLORS, FIGSIZE, errorbars, pyplot, save
 from kvstream.study.roles import PaperPolicies, policy_label, role, sweep_knob, with_role
-
-FIGSIZE = (5.5, 3.2)
-# Colour-blind safe (Okabe-Ito)
-COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({
-        "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
-        "xtick.labelsize": 7, "ytick.labelsize": 7, "figure.dpi": 100, "savefig.dpi": 200,
-        "pdf.fonttype": 42, "ps.fonttype": 42, "axes.spines.top": False, "axes.spines.right": False,
-        "svg.hashsalt": "kvstream", "path.simplify": True,
-    })
-    return plt
-
-
-def save(fig, out_dir: str | os.PathLike, name: str, extra_dirs: Sequence[str | os.PathLike] = ()) -> list[Path]:
-    """Write {name}.pdf and {name}.png (reproducible: no creation date in the PDF)."""
-    out = []
-    for d in [out_dir, *extra_dirs]:
-        d = Path(d)
-        d.mkdir(parents=True, exist_ok=True)
-        for ext in ("pdf", "png"):
-            p = d / f"{name}.{ext}"
-            kw = {"metadata": {"CreationDate": None}} if ext == "pdf" else {"metadata": {"Software": None}}
-            fig.savefig(p, bbox_inches="tight", **kw)
-            out.append(p)
-    return out
-
-
-def _err(rows, name):
-    v = np.array([r.get(name, np.nan) for r in rows], dtype=float)
-    lo = np.array([r.get(f"{name}_lo", np.nan) for r in rows], dtype=float)
-    hi = np.array([r.get(f"{name}_hi", np.nan) for r in rows], dtype=float)
-    lo = np.where(np.isfinite(lo), v - lo, 0.0)
-    hi = np.where(np.isfinite(hi), hi - v, 0.0)
-    return v, np.vstack([np.maximum(lo, 0), np.maximum(hi, 0)])
-
+from kvstream.study.zoo import zoo_experiment
+from kvstream.study.zoo_figures import zoo_figures
 
 # Point groups of the trade-off figure: (roles, legend, marker); the first group is annotated.
 _GROUPS = ((("main",), "main presets", "o"), (("ablation",), r"$\sigma$/$\delta$ ablation", "s"),
-           (("sweep", "peak_matched", "sanity", "other"), "sweeps and other experiments", "^"))
+           (("sweep", "peak_matched", "sanity", "zoo", "other"), "sweeps and other experiments", "^"))
 
 
 def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "tradeoff",
@@ -75,7 +37,7 @@ def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "t
     """Speedup vs PPL increase for all policies (each policy once: first experiment that has it, the main
     experiment first, then the ablation, then the rest by name). A policy far outside the others' range
     (the sink-less window) is drawn at the edge with its value. paper: the config's `paper:` block."""
-    plt = _plt()
+    plt = pyplot()
     short = PaperPolicies.from_config({"paper": paper}).short_name
     seen: dict[str, dict] = {}
     first = with_role(aggs, "main") + with_role(aggs, "ablation")
@@ -99,8 +61,8 @@ def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "t
         sel = [r for r in rows if r["policy"] not in off and r["_role"] in roles]
         if not sel:
             continue
-        x, xerr = _err(sel, "ppl_increase_percent")
-        y, yerr = _err(sel, "speedup")
+        x, xerr = errorbars(sel, "ppl_increase_percent")
+        y, yerr = errorbars(sel, "speedup")
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, ms=4 if gi == 0 else 3,
                     color=COLORS[gi], ecolor=COLORS[gi], elinewidth=0.6, capsize=1.5, label=lab, alpha=0.9,
                     zorder=3 if gi == 0 else 2)
@@ -131,7 +93,7 @@ def tradeoff(aggs: Mapping[str, Mapping], out_dir, extra_dirs=(), name: str = "t
 
 def sweep(agg: Mapping, experiment: str, out_dir, extra_dirs=(), name: str | None = None) -> list[Path]:
     """PPL increase and speedup against the swept knob (configured, else the one that varies)."""
-    plt = _plt()
+    plt = pyplot()
     knob = sweep_knob(agg) or "compress_every"
     rows = [r for r in agg["policies"].values() if r.get("type") == "sink"]
     finite = [r for r in rows if r.get(knob) is not None]
@@ -143,7 +105,7 @@ def sweep(agg: Mapping, experiment: str, out_dir, extra_dirs=(), name: str | Non
                   "max_drop": r"max-drop $\delta$", "n_sink": r"sinks $S$", "window_size": r"window $W$"}.get(knob, knob)
     for ax, metric, ylab in ((axes[0], "ppl_increase_percent", "PPL increase (%)"),
                              (axes[1], "speedup", "speedup (x)")):
-        y, yerr = _err(finite, metric)
+        y, yerr = errorbars(finite, metric)
         ax.errorbar(xs, y, yerr=yerr, fmt="o-", ms=3.5, lw=1, color=COLORS[0], capsize=2, elinewidth=0.7)
         for r in inf_rows:  # delta = infinity
             v = r.get(metric, np.nan)
@@ -167,7 +129,7 @@ def cache_trace(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(),
                 r_values: Sequence[int] = (1, 32, 64), steps: int = 400) -> list[Path]:
     """The measured `trace.cache_len` of the first sample for one sink policy per R value (those that
     differ only in R are preferred: the family with most R values)."""
-    plt = _plt()
+    plt = pyplot()
     by = group_cells(cell_paths)
     sinks = {}
     for pol, cells in by.items():
@@ -241,7 +203,7 @@ def nll_along(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), n
     """Per-token NLL along the sequence (mean over samples, then a moving average); lower panel: the
     difference to the first policy (the reference) on the same targets. policies: default
     `default_nll_policies`; paper: the config's `paper:` block (legend labels)."""
-    plt = _plt()
+    plt = pyplot()
     by = group_cells(cell_paths)
     pp = PaperPolicies.from_config({"paper": paper})
     if policies is None:
@@ -296,10 +258,14 @@ def nll_along(cell_paths: Iterable[str | os.PathLike], out_dir, extra_dirs=(), n
 
 def all_figures(aggs: Mapping[str, Mapping], cell_paths: Sequence[str | os.PathLike], out_dir,
                 extra_dirs=(), paper: Mapping | None = None) -> list[Path]:
-    """The trade-off, one figure per sweep, and from the cells the cache trace and the NLL along the text."""
+    """The trade-off, one figure per sweep, the zoo's two (its first experiment), and from the cells the
+    cache trace and the NLL along the text."""
     out = tradeoff(aggs, out_dir, extra_dirs, paper=paper)
     for exp in with_role(aggs, "sweep"):
         out += sweep(aggs[exp], exp, out_dir, extra_dirs)
+    zoo = zoo_experiment(aggs)
+    if zoo:
+        out += zoo_figures(zoo[1], out_dir, extra_dirs)
     if cell_paths:
         out += cache_trace(cell_paths, out_dir, extra_dirs)
         out += nll_along(cell_paths, out_dir, extra_dirs, paper=paper)

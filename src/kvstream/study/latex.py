@@ -98,6 +98,11 @@ def macro_stem(name: str, stems: Mapping[str, str] | None = None) -> str:
     return "".join(_DIGITS[int(ch)] if ch.isdigit() else ch for ch in s)
 
 
+def table_label(experiment: str) -> str:
+    """The LaTeX label of an experiment's table (tab:table1, tab:sweep-compress-every)."""
+    return "tab:" + re.sub(r"[^A-Za-z0-9]", "-", experiment)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a generated file atomically (a killed job leaves no half-written table)."""
     atomic_write_text(path, text)

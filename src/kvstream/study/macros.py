@@ -1,10 +1,11 @@
 """`paper/generated/macros.tex`: every number the prose quotes, the author block, and switches so the paper
 only shows what was run.
 
-Names: `\\have<Experiment>` switches for every configured or aggregated experiment; `\\<Field><Stem>` for
-every policy (its stem from config `paper.stems`, else its CamelCase name), the first experiment that
-has it winning (the main experiment, then the ablation, then the rest); `\\Orig...` for the original's
-published numbers (`published`); the sentences of `claims`; `\\KvResult{experiment}{policy}{field}` for
+Names: `\\have<Experiment>` switches for every configured or aggregated experiment, then the role
+switches (`\\ifhaveZoo` among them); `\\<Field><Stem>` for every policy (its stem from config
+`paper.stems`, else its CamelCase name), the first experiment that has it winning (the main experiment,
+then the ablation, then the rest); `\\Orig...` for the original's published numbers (`published`); the
+sentences of `claims` and of the zoo section (`zoo`); `\\KvResult{experiment}{policy}{field}` for
 anything else. A paper that tests switches of experiments its configuration does not name declares them
 itself (paper/kvpaper.sty); this file sets those it knows.
 """
@@ -18,6 +19,7 @@ from kvstream.study.claims import claim_macro_names, claims
 from kvstream.study.latex import KNOB_TEX, MacroFile, finite, fmt, fmt_knob, macro_stem, ordinal, tex_escape
 from kvstream.study.roles import PaperPolicies, experiment_roles, main_aggregate, paper_order, role, sweep_knob
 from kvstream.study.tables import memory_kind_words, merged_provenance
+from kvstream.study.zoo import zoo_macros
 
 _POLICY_FIELDS = ("Speedup", "SpeedupLo", "SpeedupHi", "PplInc", "PplIncLo", "PplIncHi", "DecodePplInc", "Ppl",
                   "DecodePpl", "Tpot", "PeakMem", "KvMB", "MaxLen", "Budget", "Label", "Mode")
@@ -147,8 +149,9 @@ def _policy_macros(m: MacroFile, aggs: Mapping[str, Mapping], paper: PaperPolici
 
 
 def _other_experiments(aggs: Mapping[str, Mapping]) -> list[str]:
-    """Experiments the paper has no section for: all but the first main, ablation and sanity ones and the sweeps."""
-    firsts = {next((e for e, a in aggs.items() if role(a) == r), None) for r in ("main", "ablation", "sanity")}
+    """Experiments the paper has no section for: all but the first main, ablation, sanity and zoo ones and the
+    sweeps."""
+    firsts = {next((e for e, a in aggs.items() if role(a) == r), None) for r in ("main", "ablation", "sanity", "zoo")}
     return [e for e, a in aggs.items() if e not in firsts and role(a) != "sweep"]
 
 
@@ -229,7 +232,7 @@ def _peak_matched(m: MacroFile, aggs: Mapping[str, Mapping]) -> None:
     parts = []
     for exp, agg in aggs.items():
         rows = [r for r in agg["policies"].values() if r.get("type") == "sink"]
-        if not any(r.get("budget_mode") == "cap" for r in rows):
+        if role(agg) == "zoo" or not any(r.get("budget_mode") == "cap" for r in rows):  # the zoo has its section
             continue
         items = [rf"{tex_escape(r['label'])} (mode \texttt{{{tex_escape(r.get('budget_mode'))}}}, $C={fmt(r.get('budget'), 0)}$, "
                  rf"max.\ $L={fmt(r.get('trace_max'), 0)}$): PPL increase {fmt(r.get('ppl_increase_percent'), 2, True)}\,\%, "
@@ -329,6 +332,7 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
     m.add("KvOtherNames", ", ".join(rf"\texttt{{{tex_escape(e)}}}" for e in others) or "none")
     _identical(m, aggs)
     claims(m, aggs, paper)
+    zoo_macros(m, aggs)
     _peak_matched(m, aggs)
     _sweep_summaries(m, aggs)
     _defaults(m, aggs, paper, roles)

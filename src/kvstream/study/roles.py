@@ -1,7 +1,7 @@
 """Which experiment and which policy play which part in the paper: read from the config, never from names.
 
 - An experiment's role (config `experiments.<name>.role`: main | ablation | sweep | peak_matched | sanity
-  | other) and a sweep's knob (`experiments.<name>.knob`) are stored in its aggregate by `aggregate`;
+  | zoo | other) and a sweep's knob (`experiments.<name>.knob`) are stored in its aggregate by `aggregate`;
   an aggregate without them (written before roles existed) is an `other` experiment, and a sweep
   without a knob sweeps the one sink knob that varies.
 - The top-level `paper:` block names the StreamingLLM preset the claims compare against (`baseline`),
@@ -15,9 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from kvstream.schedule import SCORED_TYPES
 from kvstream.study.latex import macro_stem
 
-ROLES = ("main", "ablation", "sweep", "peak_matched", "sanity", "other")
+ROLES = ("main", "ablation", "sweep", "peak_matched", "sanity", "zoo", "other")
+# A policy kind's display name (docs/method.md, "Sequence and policies" and "Score-based kinds"), in the
+# order the zoo's tables and figures list them.
+KIND_NAMES = {"recompute": "Full recomputation", "dense": "Dense (no eviction)", "sink": "Sink (StreamingLLM)",
+              "window": "Window (no sinks)", "h2o": "H2O", "tova": "TOVA", "knorm": "Key-norm", "random": "Random"}
 # The sink knobs a sweep may vary, in the order a sweep without a configured knob is searched.
 SWEEPABLE = ("compress_every", "cache_slack", "max_drop", "n_sink", "window_size")
 
@@ -105,12 +110,17 @@ class PaperPolicies:
 
 def policy_label(policy: str, params: Mapping[str, Any], label: str | None = None) -> str:
     """A policy's display name: its configured label completed with the knobs that identify it in its
-    kind (R of a sink cache, and S where it has neither slack nor max-drop, StreamingLLM's shape; W of
-    a window; `cap` in budget mode cap, the peak-matched variant); its name when it has no label."""
-    if not label:
+    kind (R of a sink cache, and S where it has neither slack nor max-drop, StreamingLLM's shape; R of a
+    score-based kind; W of a window; `cap` in budget mode cap, the peak-matched variant). Without a label
+    a score-based kind is named by its kind (`KIND_NAMES`), any other policy by its name."""
+    scored = params.get("type") in SCORED_TYPES
+    if not label and not scored:
         return policy
+    label = label or KIND_NAMES[params["type"]]
     extra = []
-    if params.get("type") == "sink":
+    if scored:
+        extra.append(f"R={params.get('compress_every')}")
+    elif params.get("type") == "sink":
         if not params.get("cache_slack") and params.get("max_drop") is None:
             extra.append(f"S={params.get('n_sink')}")
         extra.append(f"R={params.get('compress_every')}")

@@ -1,18 +1,20 @@
-"""LaTeX tables (booktabs) of the study: one per experiment (its layout from its role), the reproduction
-table (ours beside the original's published numbers) and the setup table (from provenance and config)."""
+"""LaTeX tables (booktabs) of the study: one per experiment (its layout from its role; a zoo's rows from
+`zoo`), the reproduction table (ours beside the original's published numbers) and the setup table (from
+provenance and config)."""
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from kvstream.study import published
 from kvstream.study.bootstrap import CI_LEVEL
-from kvstream.study.latex import KNOB_TEX, KNOB_WORDS, fmt, fmt_ci, fmt_knob, ordinal, tex_escape, write_text
+from kvstream.study.latex import (KNOB_TEX, KNOB_WORDS, fmt, fmt_ci, fmt_knob, ordinal, table_label, tex_escape,
+                                  write_text)
 from kvstream.study.roles import (PaperPolicies, ablation_cell, ablation_corner, first_with_role, role, sweep_knob,
                                   varying_knobs)
+from kvstream.study.zoo import zoo_caption, zoo_table_body
 
 _RESIZE = r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%"
 
@@ -137,10 +139,10 @@ def memory_kind_words(agg: Mapping) -> str:
 
 def experiment_table(agg: Mapping, experiment: str) -> str:
     """The complete `table` float for one experiment: an ablation shows slack and max-drop first, a sweep
-    its knob (sorted by it), any other role one row per policy."""
+    its knob (sorted by it), a zoo one block per peak length and R, any other role one row per policy."""
     kind = role(agg)
     common = _caption_common(agg)
-    label = "tab:" + re.sub(r"[^A-Za-z0-9]", "-", experiment)
+    label = table_label(experiment)
     if kind == "ablation":
         knobs = ["cache_slack", "max_drop"] + [k for k in varying_knobs(agg) if k not in ("cache_slack", "max_drop")]
         body = table_knobs(agg, knobs)
@@ -155,6 +157,10 @@ def experiment_table(agg: Mapping, experiment: str) -> str:
         fixed = _fixed_knobs_text(agg, knobs + (["window_size"] if knob == "n_sink" else []))
         title = rf"Sweep of the {KNOB_WORDS.get(knob, knob)} (\texttt{{{tex_escape(experiment)}}}), {fixed}."
         extra = r" $C$: budget $S+W$; Max.\ $L$: largest measured forward length; Dec.\ inc.: PPL increase over decode targets only."
+    elif kind == "zoo":
+        body = zoo_table_body(agg)
+        title, extra = zoo_caption(agg, experiment)
+        extra += r" Peak memory: " + tex_escape(memory_kind_words(agg)) + "."
     else:
         body = table_main(agg)
         title = (rf"Main results (\texttt{{{tex_escape(experiment)}}})." if kind == "main" else
