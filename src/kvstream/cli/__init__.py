@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "kvstream.cli.bench",  # bench
     "kvstream.cli.speed",  # speed
     "kvstream.cli.study",  # aggregate, tables, figures, macros
+    "kvstream.cli.retrieval",  # retrieval
 ]
 
 
