@@ -16,8 +16,13 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert exc.value.code == 0
     [result] = json.loads(out.read_text())
     rows = {r["row"]: r for r in result["rows"]}
-    assert list(rows) == ["dense@C (floor)", "sink R=1", "sink R=32", "sink R=64", "recompute", "naive R=1", "naive R=64",
-                          "dense@C (floor) graph", "sink R=1 graph", "sink R=32 graph", "sink R=64 graph"]
+    scored = [f"{kind} R={r}" for kind in ("h2o", "tova", "knorm", "random") for r in (1, 64)]
+    assert list(rows) == ["dense@C (floor)", "sink R=1", "sink R=32", "sink R=64", "recompute", *scored, "naive R=1",
+                          "naive R=64", "dense@C (floor) graph", "sink R=1 graph", "sink R=32 graph", "sink R=64 graph"]
+    for name in scored:  # the price of choosing: they follow the same schedule as the sink rows
+        r = int(name.split("=")[1])
+        assert rows[name]["mean_forward_len"] == rows[f"sink R={r}"]["mean_forward_len"]
+        assert rows[name]["events"] == rows[f"sink R={r}"]["events"]
     assert rows["dense@C (floor)"]["ratio_to_floor"] == rows["dense@C (floor) graph"]["ratio_to_floor"] == 1.0
     # every row's forwards stay within C; R=1 and the floor see exactly C every step
     assert rows["sink R=1"]["mean_forward_len"] == rows["dense@C (floor)"]["mean_forward_len"] == 96
