@@ -72,43 +72,30 @@ class Rotary:
         """
         if delta == 0:
             return keys
-        if work is None:
-            work = torch.float64 if keys.dtype in (torch.float32, torch.float64) else torch.float32
-        cos, sin = self.cos_sin(delta)
-        cos, sin = cos.to(work), sin.to(work)
-        rd = self.rotary_ndims
-        x = keys[..., :rd].to(work)
-        half = rd // 2
-        rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        out = keys.clone()
-        out[..., :rd] = (x * cos + rotated_half * sin).to(keys.dtype)
-        return out
+        return self._rotate_into(keys.clone(), keys, *self.cos_sin(delta), work)
 
     def rotate_(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
         """In place: keys rotated by `delta` positions, with the same arithmetic as `rotate` (its only
         temporaries are the rotary dims of `keys`; pass small slices to keep them small)."""
         if delta == 0:
             return keys
-        work = torch.float64 if keys.dtype in (torch.float32, torch.float64) else torch.float32
-        cos, sin = self.cos_sin(delta)
+        return self._rotate_into(keys, keys, *self.cos_sin(delta))
+
+    def rotate_each(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """keys [..., n, head_dim] each rotated by its own delta (deltas: [n] integers), rounded once."""
+        angles = deltas.to(self.inv_freq.device, torch.float64)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)  # [n, rotary_ndims]
+        return self._rotate_into(keys.clone(), keys, angles.cos(), angles.sin())
+
+    def _rotate_into(self, out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     work: torch.dtype | None = None) -> torch.Tensor:
+        """out[..., :rotary_ndims] = keys' rotary dims rotated by the float64 cos/sin (rotate_half layout)."""
+        if work is None:
+            work = torch.float64 if keys.dtype in (torch.float32, torch.float64) else torch.float32
         cos, sin = cos.to(work), sin.to(work)
         rd = self.rotary_ndims
         x = keys[..., :rd].to(work)
         half = rd // 2
         rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        keys[..., :rd] = (x * cos + rotated_half * sin).to(keys.dtype)
-        return keys
-
-    def rotate_each(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-        """keys [..., n, head_dim] each rotated by its own delta (deltas: [n] integers), rounded once."""
-        work = torch.float64 if keys.dtype in (torch.float32, torch.float64) else torch.float32
-        angles = deltas.to(self.inv_freq.device, torch.float64)[:, None] * self.inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)  # [n, rotary_ndims]
-        cos, sin = angles.cos().to(work), angles.sin().to(work)
-        rd = self.rotary_ndims
-        x = keys[..., :rd].to(work)
-        half = rd // 2
-        rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        out = keys.clone()
         out[..., :rd] = (x * cos + rotated_half * sin).to(keys.dtype)
         return out
