@@ -2,7 +2,9 @@
 #   snakemake --cores 2                         the default run (config.yaml)
 #   snakemake --cores 1 --resources gpu=1       same, at most one GPU job at a time
 #   snakemake --configfile config/paper.yaml --cores 1 --resources gpu=1     the paper's scale
-# A --configfile replaces config.yaml (it is not merged into it). See README.md.
+#   snakemake --configfile config/tiny.yaml --cores 2 results    a config's results only, not paper/
+# A --configfile replaces config.yaml (it is not merged into it). Results are keyed by the model
+# (results/*/{model}/); paper/ holds one model's run at a time (kvstream.paper_owner). See README.md.
 
 from pathlib import Path
 
@@ -48,3 +50,10 @@ rule all:
     input:
         ALL_TARGETS,
         PAPER_PDFS,
+
+
+# This config's own outputs, all under results/ and keyed by its model: cells, speed runs, aggregates, figures,
+# the benchmark; never paper/ (so it never meets another model's paper).
+rule results:
+    input:
+        [t for t in ALL_TARGETS if t.startswith("results/")],

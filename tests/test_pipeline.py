@@ -68,7 +68,7 @@ def test_editing_one_policy_reruns_only_its_cells_and_their_readers(completed):
     # dataset (their TPOT columns come from it); nothing else upstream
     assert [outs[0] for rule, outs in jobs if rule == "speed"] == [f"results/speed/{model}/{dataset}/speed.json"]
     aggregates = sorted(outs[0] for rule, outs in jobs if rule == "aggregate")
-    assert aggregates == sorted(f"results/aggregate/{e}.csv" for e, x in cfg["experiments"].items() if x["dataset"] == dataset)
+    assert aggregates == sorted(f"results/aggregate/{model}/{e}.csv" for e, x in cfg["experiments"].items() if x["dataset"] == dataset)
     assert not [rule for rule, _ in jobs if rule == "bench"]
     pdfs = {o for _, outs in jobs for o in outs if o.endswith(".pdf") and o.startswith("paper/neurips")}
     assert pdfs == {"paper/neurips_2025.pdf", "paper/neurips_2025_compressed.pdf"}
@@ -128,7 +128,9 @@ def test_whole_dag_on_tiny_config(tmp_path):
             for i in range(cfg["datasets"][ds]["n_samples"]):
                 cell = workdir / f"results/cells/{model}/{ds}/{policy}/s{i}.json"
                 data = json.loads(cell.read_text())
-                assert data["cell"] == {"model": model, "dataset": ds, "policy": policy, "sample": f"s{i}"}
+                labels = dict(data["cell"])
+                assert re.fullmatch(r"[0-9a-f]{16}", labels.pop("code_version"))  # kvstream.codeversion
+                assert labels == {"model": model, "dataset": ds, "policy": policy, "sample": f"s{i}"}
                 assert data["provenance"]["device"] == "cpu"
                 nll = np.load(cell.with_name(f"s{i}.nll.npy"))
                 assert nll.shape == (cfg["datasets"][ds]["tokens_per_sample"] - 1,)
@@ -139,9 +141,9 @@ def test_whole_dag_on_tiny_config(tmp_path):
     # aggregates hold the pooled numbers of the cells
     for exp, x in cfg["experiments"].items():
         ds, ref = x["dataset"], x.get("reference", "recompute")
-        rows = {r["policy"]: r for r in _read_csv(workdir / f"results/aggregate/{exp}.csv")}
+        rows = {r["policy"]: r for r in _read_csv(workdir / f"results/aggregate/{model}/{exp}.csv")}
         assert list(rows) == x["policies"]
-        assert (workdir / f"results/aggregate/{exp}.json").exists()
+        assert (workdir / f"results/aggregate/{model}/{exp}.json").exists()
 
         def nlls(policy):
             return [np.load(workdir / f"results/cells/{model}/{ds}/{policy}/s{i}.nll.npy").astype(np.float64)
@@ -181,12 +183,12 @@ def test_whole_dag_on_tiny_config(tmp_path):
 
     # figures, tables, the paper; the PDF prints the numbers of the aggregate
     for name in ("tradeoff", "cache_trace", "nll_along", "sweep_compress_every"):
-        assert (workdir / f"results/figures/{name}.pdf").stat().st_size > 0
-        assert (workdir / f"results/figures/{name}.png").stat().st_size > 0
+        assert (workdir / f"results/figures/{model}/{name}.pdf").stat().st_size > 0
+        assert (workdir / f"results/figures/{model}/{name}.png").stat().st_size > 0
     for pdf in ("paper/neurips_2025_compressed.pdf", "paper/neurips_2025.pdf"):
         assert (workdir / pdf).read_bytes().startswith(b"%PDF")
     text = _pdf_text(workdir / "paper/neurips_2025_compressed.pdf")
-    table1 = {r["policy"]: r for r in _read_csv(workdir / "results/aggregate/table1.csv")}
+    table1 = {r["policy"]: r for r in _read_csv(workdir / f"results/aggregate/{model}/table1.csv")}
     for policy in ("recompute", "ours_best"):
         assert f"{float(table1[policy]['ppl']):.2f}" in text, policy
 

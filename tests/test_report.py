@@ -126,8 +126,10 @@ def make_cell(root: Path, policy: str, sample: int, nll: np.ndarray, tpot_ms: fl
                       "decode_perplexity": float(np.exp(dec.astype(np.float64).mean())) if dec.size else None,
                       "runtime_sec": steps * tpot_ms / 1000 + 0.1, "prefill_time_sec": 0.1,
                       "decode_time_sec": steps * tpot_ms / 1000, "decode_tokens": steps,
-                      "n_targets": n, "nll_sum": float(nll.astype(np.float64).sum()),
-                      "n_decode_targets": int(dec.size), "decode_nll_sum": float(dec.astype(np.float64).sum())},
+                      # over the scored targets (NaN: not scored), as kvstream eval counts them
+                      "n_targets": int(np.isfinite(nll).sum()), "nll_sum": float(np.nansum(nll.astype(np.float64))),
+                      "n_decode_targets": int(np.isfinite(dec).sum()),
+                      "decode_nll_sum": float(np.nansum(dec.astype(np.float64)))},
         "timing": {"diagnostic_step_ms_median": tpot_ms, "warmup_steps": 2, "step_ms": step_ms},
         "memory": {"peak_memory_mb": peak_mb, "kv_cache_bytes": 4096 * budget,
                    "memory_kind": "process_peak_rss"},
@@ -404,9 +406,7 @@ def test_paired_subsample_of_a_sparse_reference(tmp_path):
         sparse[decode & ((np.arange(n) - prefill) % k != 0)] = np.nan
         p = make_cell(tmp_path, "recompute", i, sparse, 100.0, prefill=prefill)
         cell = json.loads(p.read_text())
-        cell["policy"]["recompute_every"] = k
-        ok = np.isfinite(sparse)
-        cell["streaming"].update(nll_sum=float(sparse[ok].sum()), n_targets=int(ok.sum()))
+        cell["policy"]["recompute_every"] = k  # make_cell sums the scored targets only, as kvstream eval
         p.write_text(json.dumps(cell))
         paths += [p, make_cell(tmp_path, "mit_streaming", i, pol, 10.0, prefill=prefill)]
         ref_all.append(sparse)

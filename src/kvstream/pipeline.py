@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from kvstream.cells import check_sample_length, decode_steps, nll_path
+from kvstream.codeversion import CELL_ENTRY, SPEED_ENTRY, code_version
 from kvstream.errors import KVStreamError
 from kvstream.schedule import DERIVED_KEYS, Policy, cache_lengths
 
@@ -285,6 +286,28 @@ class Plan:
         """policy_fields as one shell-quoted JSON object."""
         return shlex.quote(json.dumps(self.policy_fields(name)))
 
+    def policy_blocks(self, experiment: str) -> dict[str, dict]:
+        """policy -> the policy block its cells must carry (resolved fields and derived values; the aggregate
+        checks every cell against it, kvstream.study.verify)."""
+        return {p: self.policy(p).as_dict() for p in self.experiment_policies(experiment)}
+
+    def run_facts(self, experiment: str) -> dict:
+        """What every cell of an experiment must share: model, dataset, tokens a sample, dtype."""
+        ds = self.experiment_dataset(experiment)
+        return {"model": self.model, "dataset": ds, "n_tokens": int(self.config["datasets"][ds]["tokens_per_sample"]),
+                "dtype": self.config["model"]["dtype"]}
+
+    @functools.cached_property
+    def cell_code_version(self) -> str:
+        """The code version of the modules that compute a cell (kvstream.codeversion): an eval job's param
+        (a change reruns the cells) and its cell's `code_version` label."""
+        return code_version(CELL_ENTRY)
+
+    @functools.cached_property
+    def speed_code_version(self) -> str:
+        """The same for `kvstream speed`: the speed job's param."""
+        return code_version(SPEED_ENTRY)
+
     def recompute_every(self, name: str) -> int:
         """`kvstream eval --recompute-every`: eval.recompute_every for recompute, 1 (every target) otherwise."""
         return int(self.config["eval"]["recompute_every"]) if self.policy(name).type == "recompute" else 1
@@ -341,9 +364,13 @@ class Plan:
         n, size = self.n_samples(dataset), int(self.config["eval"]["batch_size"])
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
-    @staticmethod
-    def aggregate_path(name: str, ext: str = "csv") -> str:
-        return f"results/aggregate/{name}.{ext}"
+    # A run's own outputs are keyed by its model (config model.name), like its cells: running another
+    # config in the same checkout leaves them alone. paper/ has one owner (kvstream.paper_owner).
+    def aggregate_path(self, name: str, ext: str = "csv") -> str:
+        return f"results/aggregate/{self.model}/{name}.{ext}"
+
+    def figure_path(self, name: str, ext: str = "pdf") -> str:
+        return f"results/figures/{self.model}/{name}.{ext}"
 
     def speed_path(self, dataset: str, ext: str = "json") -> str:
         return f"results/speed/{self.model}/{dataset}/speed.{ext}"

@@ -1,13 +1,14 @@
 # The decode-step benchmark: `kvstream bench` on this machine (config `bench`), and a paper table of it
 # together with GPU results committed under benchmarks/ (measured there by benchmarks/gpu_check.py:
-# CI and laptops have no GPU, so those numbers travel as data, with the card's name in them).
+# CI and laptops have no GPU, so those numbers travel as data, with the card's name in them). The run's
+# benchmark is keyed by its model like its other results (results/bench/{model}/), though it times shapes.
 
 if config["bench"]["enabled"]:
 
     rule bench:
         output:
-            json="results/bench/bench.json",
-            md="results/bench/bench.md",
+            json="results/bench/{model}/bench.json",
+            md="results/bench/{model}/bench.md",
         params:
             args=shell_args(
                 *(("--shape", shape) for shape in config["bench"]["shapes"]),
@@ -16,7 +17,7 @@ if config["bench"]["enabled"]:
                 ("--device", config["model"]["device"]), ("--recompute-steps", config["bench"].get("recompute_steps")),
             ),
         log:
-            "results/logs/bench/bench.log",
+            "results/logs/bench/{model}/bench.log",
         threads: all_cores()  # alone on the machine: a timing run shares no core with other jobs
         resources:
             **PLAN.rule_resources("bench", gpu=True),
@@ -27,8 +28,8 @@ if config["bench"]["enabled"]:
 
     rule bench_table:
         input:
-            "results/bench/bench.json",
-            *config["bench"]["gpu_results"],
+            results=[f"results/bench/{MODEL}/bench.json", *config["bench"]["gpu_results"]],
+            owner=PAPER_OWNER,
         output:
             "paper/generated/tables/bench.tex",
         log:
@@ -41,5 +42,5 @@ if config["bench"]["enabled"]:
         script:
             "../scripts/bench_table.py"
 
-    ALL_TARGETS.append("results/bench/bench.json")
+    ALL_TARGETS.append(f"results/bench/{MODEL}/bench.json")
     PAPER_TABLES.append("paper/generated/tables/bench.tex")

@@ -10,7 +10,10 @@
 #   shell_args(*pairs)        (flag, value) pairs as shell-quoted job arguments (params of the rules)
 #   all_cores()               the run's --cores (a timing job asks for all of them, to run alone)
 #   logged(command, tail)     a job's shell command with its output in {log}, see below
+#   paper_owner_checked       input of the stamp of paper/ (report.smk): stops a run replacing another model's paper
+#   paper_owner_json()        the stamp's content
 
+import json
 import re
 import shlex
 import sys
@@ -26,6 +29,8 @@ REPO = Path(workflow.basedir).resolve()
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
+from kvstream.errors import KVStreamError
+from kvstream.paper_owner import check_paper_owner, owner_record
 from kvstream.pipeline import ConfigError, Plan, check_config, job_environment
 
 # Jobs run `python -m kvstream`: the interpreter running Snakemake first on PATH, src/ on PYTHONPATH
@@ -74,3 +79,18 @@ def logged(command, tail=25):
     reaches the terminal) and the exit status is kept. ({{ }} is a literal brace for Snakemake.)"""
     log = "{log}"
     return f'{command} > {log} 2>&1 || {{{{ s=$?; echo "--- last lines of {log}:" >&2; tail -n {tail} {log} >&2; exit $s; }}}}'
+
+
+def paper_owner_checked(wildcards):
+    """No input, once paper/ is found to hold this model's outputs (or none, or overwrite_paper is set);
+    evaluated only when a job that writes under paper/ is part of the run."""
+    try:
+        check_paper_owner(MODEL, overwrite=config["overwrite_paper"] in (True, "true"))
+    except KVStreamError as exc:
+        raise WorkflowError(str(exc)) from None
+    return []
+
+
+def paper_owner_json():
+    """The stamp's content (kvstream.paper_owner.owner_record), shell-quoted: a param of its rule."""
+    return shlex.quote(json.dumps(owner_record(MODEL)))

@@ -8,6 +8,9 @@
 # schedule is provably identical to an earlier policy's (same kind, S, budget, positions and
 # cache-length trace: they evict the same tokens at the same steps) are not evaluated again: rule
 # reuse_<dataset>_b<k> copies the earlier policy's cells and writes the policy's own parameters into them.
+# Every eval job also gets the code version of the modules that compute a cell (PLAN.cell_code_version,
+# kvstream.codeversion): a change to that code (comments and docstrings aside) reruns every cell, and each
+# cell records the version it was computed with (`cell.code_version`, checked by the aggregate).
 
 for _ds in DATASETS:
     _evaluated = [p for p in PLAN.dataset_policies(_ds) if PLAN.reused_from(_ds, p) is None]
@@ -34,6 +37,7 @@ for _ds in DATASETS:
                     ("--seed", config["eval"]["seed"]),
                 ),
                 dataset=_ds,
+                code_version=PLAN.cell_code_version,
             log:
                 f"results/logs/eval/{{model}}/{_ds}/{{policy}}/b{_k}.log",
             threads: int(config["eval"]["threads"])
@@ -46,7 +50,7 @@ for _ds in DATASETS:
                     "python -m kvstream eval --model {input.model} --tokens {input.tokens}"
                     " --policy-json {params.policy_json} --recompute-every {params.recompute_every}"
                     " {params.settings} --label model={wildcards.model} --label dataset={params.dataset}"
-                    " --label policy={wildcards.policy} --out {output.cells}"
+                    " --label policy={wildcards.policy} --label code_version={params.code_version} --out {output.cells}"
                 )
 
         if _reused:

@@ -15,6 +15,7 @@ rule paper:
         macros=PAPER_MACROS,
         tables=PAPER_TABLES,
         figures=PAPER_FIGURES,
+        owner=PAPER_OWNER,
     output:
         report("paper/{doc}.pdf", caption="../report/paper.rst", category="Paper", labels={"document": "{doc}"}),
     wildcard_constraints:

@@ -5,6 +5,7 @@
 # first such policy is timed anyway, as a measurement of timing noise (PLAN.speed_policies). The job asks
 # for all of the run's cores so that no other job shares them while it times. Tables, figures and macros
 # take speed (mean ms per token, speedup) from its JSON; the eval jobs' own step times are diagnostics.
+# Like the eval jobs, the job has the code version of what it runs as a param: a change to that code reruns it.
 
 
 rule speed:
@@ -17,6 +18,7 @@ rule speed:
     params:
         policies=lambda w: PLAN.speed_policies_json(w.dataset),
         reference=lambda w: PLAN.speed_reference(w.dataset),
+        code_version=PLAN.speed_code_version,  # not passed on: a change reruns the job
         args=shell_args(  # a change reruns the speed runs, nothing upstream
             *((f"--{key.replace('_', '-')}", config["speed"][key]) for key in ("rounds", "min_steps", "min_events", "warmup_periods")),
             ("--steady-steps", config["speed"].get("steady_steps", config["speed"]["min_steps"])),

@@ -22,6 +22,9 @@ with logged(snakemake):  # noqa: F821
         role=sm.params.role,
         knob=sm.params.knob,
         labels=dict(sm.params.labels or {}),
+        policy_blocks=dict(sm.params.policy_blocks),
+        run_facts=dict(sm.params.run_facts),
+        allow_mixed_code=bool(sm.params.allow_mixed_code),
     )
     write_aggregate(agg, sm.output.json, sm.output.csv)
     print(f"{sm.wildcards.experiment}: {len(agg['policies'])} policies, {agg['n_samples']} samples -> {sm.output.json}")

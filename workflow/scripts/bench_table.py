@@ -5,14 +5,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
-from _log import logged  # noqa: E402
+from _log import logged, paths  # noqa: E402
 
 with logged(snakemake):  # noqa: F821
     from kvstream.study.bench_table import latex_macros, latex_table, load_results
     from kvstream.io import atomic_path
 
     sm = snakemake  # noqa: F821
-    results = [r for path in sm.input for r in load_results(path)]
+    results = [r for path in paths(sm.input.results) for r in load_results(path)]
     caption = (
         "Time per decode step (forward plus cache maintenance; each block says its statistic: the mean over "
         "whole eviction periods of the row, every step timed, or for runs made before that rule the median; "

@@ -1,7 +1,7 @@
-"""Snakemake `script:` entry point of the figure rules (kvstream.study.figures): PDF + PNG in results/figures,
-the PDF also in paper/generated/figures. Point and legend labels come from the config's `paper:` block (params.paper)."""
+"""Snakemake `script:` entry point of the figure rules (kvstream.study.figures): PDF + PNG in
+results/figures/{model} (rule paper_figure copies the PDF for the paper). Point and legend labels come from the
+config's `paper:` block (params.paper)."""
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,6 +32,4 @@ with logged(snakemake):  # noqa: F821
                           paper=paper)
     else:
         raise ValueError(f"unknown figure kind {kind}")
-    Path(sm.output.paper).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out_pdf, sm.output.paper)
-    print(f"wrote {out_pdf}, {sm.output.png}, {sm.output.paper}")
+    print(f"wrote {out_pdf}, {sm.output.png}")

@@ -39,7 +39,7 @@ def _labels(pairs: list[str] | None) -> dict[str, str]:
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     agg = agg_mod.aggregate(args.cells, experiment=args.experiment, policies=args.policies, reference=args.reference,
                             n_boot=args.n_boot, seed=args.seed, speed=args.speed, role=args.role, knob=args.knob,
-                            labels=_labels(args.label))
+                            labels=_labels(args.label), allow_mixed_code=args.allow_mixed_code)
     agg_mod.write_aggregate(agg, args.json, args.csv)
     return 0
 
@@ -73,6 +73,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--knob", choices=SWEEPABLE, help="the policy field a sweep varies")
     p.add_argument("--label", action="append", metavar="POLICY=NAME",
                    help="display name of a policy (repeatable; default: the policy's name)")
+    p.add_argument("--allow-mixed-code", action="store_true",
+                   help="pool cells of different code versions (cell.code_version; the tables then say so)")
     p.add_argument("--json", required=True)
     p.add_argument("--csv")
     p.set_defaults(func=_cmd_aggregate)

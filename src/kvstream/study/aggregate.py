@@ -15,6 +15,9 @@ An experiment is a set of policies on one dataset with a reference policy (docs/
 
 The experiment's role and swept knob (config `experiments.<name>`) and each policy's display label
 (config `paper.labels`) are stored with it, for the tables, macros and figures (`roles`).
+
+Nothing is pooled before every cell passes `kvstream.study.verify` (numbers, its .nll.npy, its policy,
+model, dataset, tokens, dtype and code version).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from kvstream.study.bootstrap import (CI_LEVEL, DEFAULT_N_BOOT, DEFAULT_SEED, Pa
                                       pooled_ppl, with_ci)
 from kvstream.study.inputs import group_cells, load_speed, per_sample, provenance_summary, sample_order, trace_stats
 from kvstream.study.roles import policy_label
+from kvstream.study.verify import check_experiment, code_versions
 
 POLICY_FIELDS = (
     "type", "n_sink", "window_size", "compress_every", "cache_slack", "max_drop", "budget_mode", "cap",
@@ -149,6 +153,9 @@ def aggregate(
     speed: Mapping | str | os.PathLike | None = None,
     role: str | None = None,
     knob: str | None = None,
+    policy_blocks: Mapping[str, Mapping] | None = None,
+    run_facts: Mapping | None = None,
+    allow_mixed_code: bool = False,
 ) -> dict:
     """Aggregate the cells of one experiment. Returns a JSON-ready dict (see module docstring).
 
@@ -156,6 +163,9 @@ def aggregate(
     from the eval cells (whose step times are diagnostics of a batched job that shared the machine).
     role, knob: the experiment's role and swept knob (config); labels: policy -> display name (config
     `paper.labels`; a policy without one is shown by its name, `roles.policy_label`).
+    policy_blocks (policy -> the block the config resolves) and run_facts (model, dataset, n_tokens, dtype
+    of the config's run): what each cell must match (`verify.check_experiment`); allow_mixed_code: pool
+    cells of different code versions, saying so in `code_note` (else refused).
     """
     if speed is not None and not isinstance(speed, Mapping):
         speed = load_speed(speed)
@@ -168,6 +178,9 @@ def aggregate(
         raise KVStreamError(f"experiment {experiment}: no cells for policies {missing}")
     ref_cells = by_policy.get(reference)
     labels = dict(labels or {})
+    checked = [p for p in dict.fromkeys([*order, reference]) if p in by_policy]
+    check_experiment(by_policy, checked, policy_blocks=policy_blocks, run_facts=run_facts)
+    versions, code_note = code_versions(by_policy, checked, experiment=experiment, allow_mixed=allow_mixed_code)
 
     # Samples shared by every policy of the experiment: all relative numbers use the same samples.
     common = set.intersection(*(set(by_policy[p]) for p in order))
@@ -248,6 +261,8 @@ def aggregate(
         "recompute_every": paired.every if paired is not None else None,
         "pairing_note": paired.note if paired is not None else None,
         "provenance": provenance_summary(all_cells),
+        "code_versions": versions,
+        "code_note": code_note,
         "policies": rows,
     }
 

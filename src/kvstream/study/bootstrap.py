@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from kvstream.errors import KVStreamError
-from kvstream.study.inputs import load_nll
+from kvstream.study.inputs import cell_nll
 
 CI_LEVEL = 0.95
 DEFAULT_N_BOOT = 2000
@@ -72,7 +72,7 @@ class PairedTargets:
 
     def __init__(self, ref_cells: Mapping[str, dict], samples: Sequence[str], idx: np.ndarray | None, seed: int):
         self.samples, self.idx, self.seed = list(samples), idx, seed
-        self.ref = [load_nll(ref_cells[s]["_path"]) for s in samples]
+        self.ref = [cell_nll(ref_cells[s]) for s in samples]
         self.prefill = [int(ref_cells[s]["policy"].get("prefill_len") or 0) for s in samples]
         self.every = int(ref_cells[samples[0]]["policy"].get("recompute_every") or 1)
         self.subsampled = any(np.isnan(r[p:]).any() for r, p in zip(self.ref, self.prefill))
@@ -84,7 +84,7 @@ class PairedTargets:
         """A policy's per-target NLL of every sample (read once per policy)."""
         out = []
         for s, ref in zip(self.samples, self.ref):
-            x = load_nll(cells[s]["_path"])
+            x = cell_nll(cells[s])
             if x.shape != ref.shape:
                 raise KVStreamError(f"cell {cells[s]['_path']}: {x.size} targets but the reference has {ref.size}")
             out.append(x)

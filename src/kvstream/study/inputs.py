@@ -47,14 +47,24 @@ def load_nll(cell_json: str | os.PathLike) -> np.ndarray:
     return np.load(nll_path(cell_json)).astype(np.float64)
 
 
+def cell_nll(cell: dict) -> np.ndarray:
+    """The per-target NLL of a loaded cell, read once (kept in the cell as `_nll`)."""
+    if "_nll" not in cell:
+        cell["_nll"] = load_nll(cell["_path"])
+    return cell["_nll"]
+
+
 def group_cells(paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, dict]]:
-    """policy -> sample -> cell."""
+    """policy -> sample -> cell; two cells that say they are the same policy and sample are refused."""
     out: dict[str, dict[str, dict]] = {}
     for p in paths:
         if not str(p).endswith(".json"):
             continue
         cell = load_cell(p)
-        out.setdefault(cell["_policy"], {})[cell["_sample"]] = cell
+        other = out.setdefault(cell["_policy"], {}).setdefault(cell["_sample"], cell)
+        if other is not cell and Path(other["_path"]).resolve() != Path(cell["_path"]).resolve():
+            raise KVStreamError(f"cells {other['_path']} and {cell['_path']} both say they are policy {cell['_policy']}, "
+                                f"sample {cell['_sample']} (cell.policy, cell.sample): one was copied or relabelled")
     return out
 
 

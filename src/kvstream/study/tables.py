@@ -40,7 +40,14 @@ def _caption_common(agg: Mapping) -> str:
     where = ("over the paired targets (all prefill targets and the reference's decode targets)" if every > 1
              else "over all targets")
     return (rf"{tex_escape(agg.get('model'))} on {tex_escape(agg.get('dataset'))}, {samples}, pooled PPL {where}. "
-            rf"{paired} {ci} {speed}")
+            rf"{paired} {ci} {speed}" + mixed_code_text([agg]))
+
+
+def mixed_code_text(aggs) -> str:
+    """A sentence for a caption when some aggregate pooled cells of different code versions (allowed by
+    eval.allow_mixed_code; kvstream.study.verify), else ''."""
+    notes = [a["code_note"] for a in aggs if a and a.get("code_note")]
+    return "".join(rf" \textbf{{Mixed code:}} {tex_escape(n)}." for n in dict.fromkeys(notes))
 
 
 def _sorted_rows(agg: Mapping, key: str | None = None) -> list[dict]:
@@ -201,7 +208,8 @@ def reproduction_table(aggs: Mapping[str, Mapping], config: Mapping | None = Non
         + r"; copied from its report) beside ours (``ours'', this run: "
         + (tex_escape((main or abl or {}).get("model")) if (main or abl) else "--")
         + r", see Table~\ref{tab:setup}). Model, data, scale and hardware differ, so only directions "
-        r"and orders of magnitude are comparable; memory in particular measures different things.}",
+        r"and orders of magnitude are comparable; memory in particular measures different things."
+        + mixed_code_text([main, abl]) + "}",
         r"\label{tab:reproduction}",
         _RESIZE,
         r"\begin{tabular}{@{}lrrrrrrrr@{}}",
@@ -286,12 +294,14 @@ def setup_table(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> s
                                                      ", ".join(map(str, prov.get("python") or ["?"]))])])),
         ("Code commit", j([c[:12] for c in prov.get("git_commit") or []]) +
          (r" (uncommitted changes)" if True in (prov.get("git_dirty") or []) else "")),
+        ("Code version of the cells", j(sorted({v for a in aggs.values() for v in a.get("code_versions") or []}))),
         ("Bootstrap", f"{int(CI_LEVEL * 100)}\\,\\% percentile, {prov.get('n_boot', '--')} resamples over samples"),
     ]
     lines = [
         r"\begin{table}",
         r"\centering\small",
-        r"\caption{Setup, read from the provenance recorded in every result cell and from the run's configuration.}",
+        r"\caption{Setup, read from the provenance recorded in every result cell and from the run's configuration."
+        + mixed_code_text(aggs.values()) + "}",
         r"\label{tab:setup}",
         r"\begin{tabular}{@{}ll@{}}",
         r"\toprule",
