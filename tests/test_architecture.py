@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "kvstream"
 MAX_LINES = 500
 # imported by the Snakemake DAG or the report environment (no torch there), so torch-free all the way down
-TORCH_FREE = ["kvstream.schedule", "kvstream.slots", "kvstream.cells", "kvstream.io", "kvstream.pipeline",
+TORCH_FREE = ["kvstream.schedule", "kvstream.slots", "kvstream.cells", "kvstream.io", "kvstream.config", "kvstream.pipeline",
               "kvstream.stats", "kvstream.study"]
 
 

@@ -12,7 +12,8 @@ import shlex
 import pytest
 import yaml
 
-from kvstream.pipeline import DEFAULT_RESOURCES, ConfigError, Plan, check_config, job_environment
+from kvstream.config import ConfigError, check_config
+from kvstream.pipeline import DEFAULT_RESOURCES, Plan, job_environment
 from kvstream.schedule import Policy
 from pipeline_helpers import DELETE, REPO, edited, load_config, planned_jobs, snakemake, write_config
 
@@ -179,18 +180,23 @@ def test_shipped_configs_pass_and_get_the_schema_defaults(path):
         ({"paper.labels.h2o": "H2O"}, "config error: paper.labels.h2o: unknown policy 'h2o'"),
         ({"paper.stems.ours_best": "Best2"}, "config error: paper.stems.ours_best: 'Best2' does not match"),
         ({"paper.title": "x"}, "config error: paper.title: unknown field"),
-        ({"policies.dense.budget_mode": "cap"}, "config error: policies.dense.budget_mode: only sink and window"),
+        ({"policies.dense.budget_mode": "cap"}, "config error: policies.dense.budget_mode: only the kinds that evict"),
         ({"policies.capped": {"type": "sink", "n_sink": 4, "window_size": 10, "compress_every": 1, "cache_slack": 0,
                               "max_drop": None, "budget_mode": "cap"}},
          "config error: policies.capped.window_size: budget_mode cap derives the window from eval.cap"),
         ({"policies.tight": {"type": "sink", "n_sink": 200, "compress_every": 64, "cache_slack": 0, "max_drop": None,
                              "budget_mode": "cap"}},
          "config error: policies.tight: budget_mode cap leaves no window with eval.cap: cap=256 is too small"),
-        ({"policies.recompute.n_sink": 4}, "config error: policies.recompute: a policy of type recompute takes no n_sink"),
+        ({"policies.recompute.n_sink": 4},
+         "config error: policies.recompute.n_sink: a recompute policy does not use n_sink (it holds 0): leave it out"),
+        ({"policies.win": {"type": "window", "window_size": 100, "n_sink": 4}},
+         "config error: policies.win.n_sink: a window policy does not use n_sink (it holds 0): leave it out"),
+        ({"policies.mit_streaming.recent": 8},
+         "config error: policies.mit_streaming.recent: a sink policy does not use recent (it holds 0): leave it out"),
     ],
     ids=["unknown-scale", "sweep-without-knob", "unknown-knob", "two-mains", "unknown-role", "unknown-baseline",
          "unknown-preset", "unknown-label", "bad-stem", "unknown-paper-field", "dense-with-budget", "cap-with-window",
-         "cap-too-small", "recompute-with-knob"],
+         "cap-too-small", "recompute-with-knob", "window-with-sink", "sink-with-recent"],
 )
 def test_config_errors_name_the_field(changes, message):
     with pytest.raises(ConfigError) as exc:

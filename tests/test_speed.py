@@ -133,6 +133,8 @@ def test_speed_cli_end_to_end(inputs, family, capsys):
     for key in ("model", "tokens_file", "device_name", "dtype", "threads", "torch", "transformers", "git_commit",
                 "started_at"):
         assert key in result
+    from kvstream.codeversion import SPEED_ENTRY, code_version
+    assert result["code_version"] == code_version(SPEED_ENTRY)  # what the workflow's speed rule keys on
     assert list(result["policies"]) == list(POLICIES)
     entries = {"floor": result["floor"], **result["policies"]}
     for name, e in entries.items():

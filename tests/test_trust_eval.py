@@ -19,7 +19,7 @@ from kvstream import cells, io, models
 from kvstream.cli import main as cli_main
 from kvstream.errors import KVStreamError
 from kvstream.evaluate import load_tokens, run_cell
-from kvstream.pipeline import ConfigError, check_config
+from kvstream.config import ConfigError, check_config
 from kvstream.schedule import Policy, cache_lengths
 from kvstream.tiny import build_tiny_model
 

@@ -20,7 +20,8 @@ from kvstream.codeversion import CELL_ENTRY, SPEED_ENTRY, code_modules, code_ver
 from kvstream.errors import KVStreamError
 from kvstream.io import sha256_file
 from kvstream.paper_owner import check_paper_owner
-from kvstream.pipeline import Plan, check_config
+from kvstream.config import check_config
+from kvstream.pipeline import Plan
 from kvstream.study import aggregate as study_aggregate
 from kvstream.study import tables
 from kvstream.study.verify import CELL_POLICY_KEYS
@@ -289,6 +290,13 @@ def test_cells_that_kvstream_eval_writes_pass_with_the_pipelines_params(tmp_path
     agg = study_aggregate.aggregate(paths, experiment="table1", policies=policies, run_facts=plan.run_facts("table1"),
                                     policy_blocks={p: blocks[p] for p in policies})
     assert agg["code_versions"] == [plan.cell_code_version]
+    # the eval command records the version it computed with; it must be the one the workflow expected
+    assert {json.loads(p.read_text())["provenance"]["code_version"] for p in paths} == {plan.cell_code_version}
+    _edit(paths[0], lambda c: c["provenance"].update(code_version="cccc000000000000"))
+    with pytest.raises(KVStreamError) as info:
+        study_aggregate.aggregate(paths, experiment="table1", policies=policies)
+    assert "cccc000000000000" in str(info.value) and "recompute/s0" in str(info.value)
+    assert "another copy of kvstream" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -145,6 +145,18 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
         tmp.write_text(text, encoding=encoding)
 
 
+def json_argument(spec: str, flag: str) -> Any:
+    """The JSON value of a command-line argument given literally (starting with `{`) or as a file name;
+    errors name the flag."""
+    literal = spec.lstrip().startswith("{")
+    if not literal and not Path(spec).is_file():
+        raise KVStreamError(f"{flag} {spec}: neither a JSON object nor an existing file")
+    try:
+        return json.loads(spec if literal else Path(spec).read_text())
+    except json.JSONDecodeError as exc:
+        raise KVStreamError(f"{flag}: not valid JSON ({exc})") from None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Pretty-printed JSON (indent 2, UTF-8, trailing newline), written atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

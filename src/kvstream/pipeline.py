@@ -1,5 +1,5 @@
-"""The workflow's side of kvstream, torch-free: the config checks, and what the DAG derives from a checked
-config (names in config order, cells, identical schedules, paths, resources, the experiments' roles).
+"""The workflow's side of kvstream, torch-free: what the DAG derives from a config checked by
+kvstream.config (names in config order, cells, identical schedules, paths, resources, the experiments' roles).
 
 workflow/rules/common.smk calls `check_config` and builds one `Plan`, which the rule files read. Every
 policy goes through `kvstream.schedule.Policy` (checks, defaults, derived W and C): the workflow does no
@@ -7,7 +7,6 @@ budget math itself. Identical schedules share their cells (docs/method.md, "Iden
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -16,174 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from kvstream.cells import check_sample_length, decode_steps, nll_path
+from kvstream.cells import nll_path
 from kvstream.codeversion import CELL_ENTRY, SPEED_ENTRY, code_version
-from kvstream.errors import KVStreamError
+from kvstream.config import policy_fields_from_config
 from kvstream.schedule import DERIVED_KEYS, Policy, cache_lengths
-
-
-class ConfigError(KVStreamError):
-    """A config problem, as one message naming the field ("config error: policies.x.n_sink: ...")."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"config error: {field}: {problem}")
-
-
-# ------------------------------------------------------------------------------------------- config
-def merge(base: dict, over: dict) -> dict:
-    """A deep copy of base with over merged in (nested dicts merged, everything else replaced)."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def check_config(cfg: dict, schema: dict) -> dict:
-    """The config, `scale` merged and the schema's defaults filled in; ConfigError naming the first bad field."""
-    cfg = copy.deepcopy(dict(cfg))
-    if cfg.get("scale") is not None:
-        scales = cfg.get("scales") or {}
-        if cfg["scale"] not in scales:
-            raise ConfigError("scale", f"'{cfg['scale']}' is not one of the config's scales ({', '.join(scales) or 'none defined'})")
-        cfg = merge(cfg, scales[cfg["scale"]])
-    _check_schema(cfg, schema)
-    _check_policies(cfg)
-    _check_experiments(cfg)
-    _check_samples(cfg)
-    _check_paper(cfg)
-    return cfg
-
-
-def _field(path) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
-
-
-def _check_schema(cfg: dict, schema: dict) -> None:
-    """Validate against the schema, then fill in its defaults (in place)."""
-    import jsonschema
-
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(cfg))
-    if errors:
-        err = jsonschema.exceptions.best_match(errors)
-        path = list(err.absolute_path)
-        if err.validator == "required" and isinstance(err.instance, dict):
-            missing = [k for k in err.validator_value if k not in err.instance]
-            field, problem = _field(path + missing[:1]), "missing (required field)"
-        elif err.validator == "additionalProperties" and isinstance(err.instance, dict):
-            allowed = set((err.schema.get("properties") or {}).keys())
-            extra = [k for k in err.instance if k not in allowed]
-            field = _field(path + extra[:1])
-            problem = "unknown field" + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else "")
-        elif err.validator == "not" and len(path) == 2 and path[0] == "policies":
-            field = _field(path)
-            kind = err.instance.get("type")
-            fields = "recent/seed" if kind in ("window", "sink") else "n_sink/window_size/compress_every/cache_slack/max_drop/recent/seed"
-            problem = f"a policy of type {kind} takes no {fields}"
-        else:
-            field, problem = _field(path), err.message
-        if len(errors) > 1:
-            problem += f"  ({len(errors) - 1} more problem(s) after this one is fixed)"
-        raise ConfigError(field, problem)
-    _fill_defaults(cfg, schema)
-
-
-def _fill_defaults(cfg: dict, schema: dict) -> None:
-    """Each property's `default` where it is absent (jsonschema's FAQ recipe, as snakemake.utils.validate)."""
-    import jsonschema
-
-    base = jsonschema.Draft202012Validator
-    check_properties = base.VALIDATORS["properties"]
-
-    def properties(validator, props, instance, subschema):
-        if isinstance(instance, dict):
-            for name, sub in props.items():
-                if "default" in sub:
-                    instance.setdefault(name, copy.deepcopy(sub["default"]))
-        yield from check_properties(validator, props, instance, subschema)
-
-    jsonschema.validators.extend(base, {"properties": properties})(schema).validate(cfg)
-
-
-def policy_fields_from_config(entry: dict, eval_cfg: dict) -> dict:
-    """A config policy entry with what the eval section gives it: eval.cap (the recompute window and
-    prefill of recompute/dense, the peak length of budget_mode cap), eval.positions (evicting kinds)."""
-    fields = dict(entry)
-    evicts = Policy(entry["type"]).evicts
-    if not evicts or entry.get("budget_mode") == "cap":
-        fields["cap"] = eval_cfg["cap"]
-    if evicts:
-        fields.setdefault("positions", eval_cfg["positions"])
-    return fields
-
-
-def _check_policies(cfg: dict) -> None:
-    for name, entry in cfg["policies"].items():
-        field = f"policies.{name}"
-        if entry.get("budget_mode") == "cap":
-            if not Policy(entry["type"]).evicts:
-                raise ConfigError(f"{field}.budget_mode", "only sink and window policies have a budget")
-            if "window_size" in entry:
-                raise ConfigError(f"{field}.window_size", "budget_mode cap derives the window from eval.cap; "
-                                  "remove window_size or use budget_mode fixed")
-        try:
-            Policy.from_dict(policy_fields_from_config(entry, cfg["eval"]))
-        except KVStreamError as exc:
-            if entry.get("budget_mode") == "cap" and entry["type"] == "sink":
-                raise ConfigError(field, f"budget_mode cap leaves no window with eval.cap: {exc}") from None
-            raise ConfigError(field, str(exc)) from None
-
-
-def _check_experiments(cfg: dict) -> None:
-    main = None
-    for name, e in cfg["experiments"].items():
-        field = f"experiments.{name}"
-        if e["dataset"] not in cfg["datasets"]:
-            raise ConfigError(f"{field}.dataset", f"unknown dataset '{e['dataset']}' (datasets: {', '.join(cfg['datasets'])})")
-        for i, p in enumerate(e["policies"]):
-            if p not in cfg["policies"]:
-                raise ConfigError(f"{field}.policies[{i}]", f"unknown policy '{p}' (policies: {', '.join(cfg['policies'])})")
-        if e["reference"] not in e["policies"]:
-            raise ConfigError(f"{field}.reference", f"'{e['reference']}' is not one of the experiment's policies; add it "
-                              f"to {field}.policies (PPL increase and speedup are measured against it)")
-        if e["role"] == "sweep" and "knob" not in e:
-            raise ConfigError(f"{field}.knob", "missing: an experiment with role sweep names the policy field it varies "
-                              "(n_sink, window_size, compress_every, cache_slack or max_drop)")
-        if e["role"] == "main":
-            if main is not None:
-                raise ConfigError(f"{field}.role", f"experiments.{main} is already the main experiment: one has role main")
-            main = name
-
-
-def _check_samples(cfg: dict) -> None:
-    """Each dataset's samples are long enough for every policy run on them (kvstream.cells.check_sample_length)
-    and leave decode steps after eval.warmup: what `kvstream eval` checks, here before any job."""
-    plan = Plan(cfg, use_cuda=False)  # its policies: the ones the jobs get
-    for e in plan.experiments:
-        ds = plan.experiment_dataset(e)
-        n = int(cfg["datasets"][ds]["tokens_per_sample"])
-        for name in plan.experiment_policies(e):
-            field = f"datasets.{ds}.tokens_per_sample"
-            try:
-                check_sample_length(plan.policy(name), n)
-            except KVStreamError as exc:
-                raise ConfigError(field, f"policy {name} (experiment {e}): {exc}") from None
-            steps = decode_steps(plan.policy(name), n)
-            if cfg["eval"]["warmup"] >= steps:
-                raise ConfigError("eval.warmup", f"{cfg['eval']['warmup']} warm-up steps leave none to time: policy {name} "
-                                  f"has {steps} decode step(s) on dataset {ds} ({n} tokens a sample)")
-
-
-def _check_paper(cfg: dict) -> None:
-    paper, policies = cfg["paper"], cfg["policies"]
-    named = [(f"paper.{key}", paper[key]) for key in ("baseline", "eager") if paper[key] is not None]
-    named += [(f"paper.presets[{i}]", p) for i, p in enumerate(paper["presets"])]
-    named += [(f"paper.{key}.{p}", p) for key in ("labels", "stems") for p in paper[key]]
-    for field, name in named:
-        if name not in policies:
-            raise ConfigError(field, f"unknown policy '{name}' (policies: {', '.join(policies)})")
 
 
 # ------------------------------------------------------------------------------------------- device

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from kvstream.codeversion import CELL_ENTRY, code_version
 from kvstream.io import sha256_file
 from kvstream.schedule import Policy
 
@@ -46,6 +47,7 @@ def cell_provenance(*, model: str, tokens_file: str | os.PathLike, policy: Polic
     return {
         "git_commit": commit,
         "git_dirty": dirty,
+        "code_version": code_version(CELL_ENTRY),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -86,9 +86,11 @@ class Policy:
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d) -> "Policy":
+    def from_dict(cls, d, *, strict: bool = False, name=None) -> "Policy":
         """A resolved Policy from a dict of its fields (a config entry, a cell's or a speed run's policy
-        block); the derived keys budget and max_forward_len may be present and must then agree."""
+        block); the derived keys budget and max_forward_len may be present and must then agree. strict: a
+        field the type does not use (or derives) given at another value than the resolved one is refused
+        (refuse_unused), so that no knob is silently dropped; name(field) says how the error names it."""
         if not isinstance(d, dict):
             raise KVStreamError(f"expected an object of policy fields, got {type(d).__name__}")
         fields = [f.name for f in dataclasses.fields(cls)]
@@ -103,6 +105,8 @@ class Policy:
             allowed = (getattr(policy, key),) + ((None, policy.cap) if not policy.evicts else ())
             if key in d and d[key] not in allowed:
                 raise KVStreamError(f"{key}={d[key]!r} differs from the resolved policy's {key}={getattr(policy, key)!r}")
+        if strict:
+            refuse_unused(d, policy, name or (lambda field: f"{field}={d[field]!r}"))
         return policy
 
     def resolved(self) -> "Policy":
@@ -157,6 +161,28 @@ class Policy:
             raise KVStreamError(f"window_size is required for a {p.type} policy with budget_mode fixed: set window_size >= 1")
         _check_int("window_size", p.window_size, minimum=1)
         return _check_scored(p)
+
+
+def unused_knob(given: dict, policy: Policy) -> tuple[str, str] | None:
+    """(field, why) of the first field given with another value than the resolved policy holds: one the
+    type does not use (or derives). Given at that value it changes nothing and is accepted (the pipeline
+    passes every field of the resolved policy). None when there is none."""
+    resolved = dataclasses.asdict(policy)
+    for field, value in given.items():
+        if field in DERIVED_KEYS or field == "type" or resolved.get(field) == value:
+            continue
+        if field == "window_size" and policy.budget_mode == "cap":
+            return field, f"budget_mode cap derives window_size from cap (here {policy.window_size})"
+        return field, f"a {policy.type} policy does not use {field} (it holds {resolved.get(field)!r})"
+    return None
+
+
+def refuse_unused(given: dict, policy: Policy, name) -> None:
+    """Refuse a knob the policy does not use (unused_knob), so that none is silently dropped; name(field):
+    how the error names it."""
+    unused = unused_knob(given, policy)
+    if unused:
+        raise KVStreamError(f"{name(unused[0])}: {unused[1]}: leave it out")
 
 
 def _check_scored(p: Policy) -> Policy:

@@ -9,13 +9,11 @@ exactly the amortised cost per token. Ratios carry a 95% interval across rounds.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from kvstream.errors import KVStreamError
+from kvstream.io import json_argument
 from kvstream.decode import Decoder, StepTimer
 from kvstream.schedule import SCORED_TYPES, Policy, steady_schedule, timed_window
 from kvstream.stats import ratio_ci
@@ -33,19 +31,13 @@ TIMED_AS = {"floor": f"dense cache held at floor_len tokens {HELD}",
 
 def load_policies(spec: str) -> dict[str, Policy]:
     """name -> resolved Policy from a JSON file or a literal JSON object."""
-    literal = spec.strip().startswith("{")
-    if not literal and not Path(spec).is_file():
-        raise KVStreamError(f"--policies {spec}: neither a JSON object nor an existing file")
-    try:
-        raw = json.loads(spec if literal else Path(spec).read_text())
-    except json.JSONDecodeError as exc:
-        raise KVStreamError(f"--policies: not valid JSON ({exc})") from None
+    raw = json_argument(spec, "--policies")
     if not isinstance(raw, dict) or not raw:
         raise KVStreamError("--policies: expected a non-empty JSON object name -> policy fields")
     policies = {}
     for name, d in raw.items():
         try:
-            policies[name] = p = Policy.from_dict(d)
+            policies[name] = p = Policy.from_dict(d, strict=True)
             if p.type == "dense" and p.cap < 2:
                 raise KVStreamError("cap must be >= 2 for a dense cache held at cap")
         except KVStreamError as exc:

@@ -1,5 +1,6 @@
 # Shared by all rule files. The checked config and what the DAG derives from it; the code behind it is
-# the torch-free src/kvstream/pipeline.py (tested in tests/test_config.py); this file only wires it in.
+# the torch-free src/kvstream/config.py (the check) and pipeline.py (the Plan), tested in tests/test_config.py;
+# this file only wires them in.
 #
 #   PLAN                      kvstream.pipeline.Plan of the checked config: names, cells, identical
 #                             schedules, paths, resources, the experiments' roles (PLAN.cell_path, ...)
@@ -31,7 +32,8 @@ if str(REPO / "src") not in sys.path:
 
 from kvstream.errors import KVStreamError
 from kvstream.paper_owner import check_paper_owner, owner_record
-from kvstream.pipeline import ConfigError, Plan, check_config, job_environment
+from kvstream.config import ConfigError, check_config
+from kvstream.pipeline import Plan, job_environment
 
 # Jobs run `python -m kvstream`: the interpreter running Snakemake first on PATH, src/ on PYTHONPATH
 # (under --sdm conda the job's environment is activated after this, so its python comes first).

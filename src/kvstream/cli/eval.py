@@ -8,15 +8,14 @@ defaults.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from kvstream.errors import KVStreamError
-from kvstream.schedule import DERIVED_KEYS, POLICY_TYPES, Policy
+from kvstream.io import json_argument
+from kvstream.schedule import POLICY_TYPES, Policy
 
 # flag -> Policy field; a flag left unset takes the Policy default (one source of defaults)
 POLICY_FLAGS = {"policy": "type", "n_sink": "n_sink", "window_size": "window_size", "compress_every": "compress_every",
@@ -35,45 +34,20 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         return load_policy_json(args.policy_json)
     if "type" not in given:
         raise KVStreamError("give the policy: --policy-json '{\"type\": ...}' or --policy TYPE with its flags")
+    flags = {field: "--" + flag.replace("_", "-") for flag, field in POLICY_FLAGS.items()}
     try:
-        policy = Policy.from_dict(given)
+        return Policy.from_dict(given, strict=True, name=lambda field: f"{flags[field]} {given[field]}")
     except KVStreamError as exc:
         raise KVStreamError(f"policy: {exc}") from None
-    flags = {field: "--" + flag.replace("_", "-") for flag, field in POLICY_FLAGS.items()}
-    _refuse_unused(given, policy, lambda field: f"{flags[field]} {given[field]}")
-    return policy
-
-
-def _refuse_unused(given: dict, policy: Policy, name) -> None:
-    """A field given with another value than the resolved policy holds is one the type does not use (or
-    derives): refused, so that no knob is silently dropped. Given at that value it changes nothing and is
-    accepted (the pipeline passes every field of the resolved policy). name(field): how the error names it."""
-    resolved = dataclasses.asdict(policy)
-    for field, value in given.items():
-        if field in DERIVED_KEYS or field == "type" or resolved.get(field) == value:
-            continue
-        if field == "window_size" and policy.budget_mode == "cap":
-            why = f"budget_mode cap derives window_size from cap (here {policy.window_size})"
-        else:
-            why = f"a {policy.type} policy does not use {field} (it holds {resolved.get(field)!r})"
-        raise KVStreamError(f"{name(field)}: {why}: leave it out")
 
 
 def load_policy_json(spec: str) -> Policy:
     """A Policy from a JSON object given literally or as a file name."""
-    literal = spec.lstrip().startswith("{")
-    if not literal and not Path(spec).is_file():
-        raise KVStreamError(f"--policy-json {spec}: neither a JSON object nor an existing file")
+    raw = json_argument(spec, "--policy-json")
     try:
-        raw = json.loads(spec if literal else Path(spec).read_text())
-    except json.JSONDecodeError as exc:
-        raise KVStreamError(f"--policy-json: not valid JSON ({exc})") from None
-    try:
-        policy = Policy.from_dict(raw)
+        return Policy.from_dict(raw, strict=True)
     except KVStreamError as exc:
         raise KVStreamError(f"--policy-json: {exc}") from None
-    _refuse_unused(raw, policy, lambda field: f"--policy-json: {field}={raw[field]!r}")
-    return policy
 
 
 def _optional_int(value: str):

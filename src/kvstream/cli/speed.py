@@ -42,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
     from kvstream.evaluate import load_tokens
     from kvstream.io import atomic_path
     from kvstream.models import load_model, resolve_device, resolve_dtype
+    from kvstream.codeversion import SPEED_ENTRY, code_version
     from kvstream.provenance import device_name, git_state, now
     from kvstream.speed import Entry, format_table, load_policies, run_speed
 
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
         "device_name": device_name(device),
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "seed": args.seed,
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "git_commit": commit, "git_dirty": dirty, "started_at": started_at,
+        "git_commit": commit, "git_dirty": dirty, "code_version": code_version(SPEED_ENTRY), "started_at": started_at,
         "note": "mean over whole schedule periods with every step timed = amortised cost per token; "
                 "dense policies are timed at their steady length = cap",
         "floor": floor.summary(reference, floor),

@@ -181,11 +181,20 @@ def _samples_text(samples: Sequence[str]) -> str:
 def code_versions(by_policy: Mapping[str, Mapping[str, dict]], policies: Sequence[str], *, experiment: str,
                   allow_mixed: bool = False) -> tuple[list[str], str | None]:
     """(the code versions of the cells, a note saying which cells came from which when there are several).
-    Several versions are refused unless allow_mixed; cells without a version count as one "unrecorded" version."""
+    Several versions are refused unless allow_mixed; cells without a version count as one "unrecorded" version.
+    A cell's version is the one its eval command computed with (provenance.code_version); it must equal the
+    workflow's label (cell.code_version) where both are recorded."""
     where: dict[str, dict[str, list[str]]] = {}  # version -> policy -> samples
     for pol in policies:
         for s, cell in by_policy[pol].items():
-            version = (cell.get("cell") or {}).get("code_version") or "unrecorded"
+            label = (cell.get("cell") or {}).get("code_version")  # what the workflow expected
+            ran = (cell.get("provenance") or {}).get("code_version")  # what the eval command computed with
+            if label and ran and label != ran:
+                raise KVStreamError(
+                    f"experiment {experiment}: cell {pol}/{s} was computed by code version {ran} "
+                    f"(provenance.code_version) but the workflow expected {label} (cell.code_version): the eval "
+                    "job ran another copy of kvstream than the workflow's src/; run it from this checkout")
+            version = ran or label or "unrecorded"
             where.setdefault(str(version), {}).setdefault(pol, []).append(s)
     versions = sorted(v for v in where if v != "unrecorded")
     if len(where) < 2:
