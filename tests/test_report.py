@@ -52,8 +52,8 @@ for _peak in (16, 32):
 
 # The config's `paper:` block for these policies (display names and macro stems of the presets).
 LABELS = {"recompute": "Full recomputation", "dense": "Dense (no eviction)", "window": "Window (no sinks)",
-          "mit_streaming": "StreamingLLM", "ours_eager": "Ours (Eager)", "ours_best": "Ours (Best)",
-          "ours_softlite": "Ours (Softlite)"}
+          "mit_streaming": "StreamingLLM", "ours_eager": "Lazy (Eager)", "ours_best": "Lazy (Best)",
+          "ours_softlite": "Lazy (Softlite)"}
 PAPER = {"baseline": "mit_streaming", "eager": "ours_eager", "presets": ["ours_best", "ours_softlite"],
          "labels": LABELS,
          "stems": {"recompute": "Recompute", "dense": "Dense", "window": "WindowOnly", "mit_streaming": "Mit",
@@ -214,7 +214,7 @@ def test_single_sample_interval_is_degenerate(tmp_path):
     assert math.isnan(back["policies"]["mit_streaming"]["speedup_lo"])
     table = tables.experiment_table(back, "table1")
     assert r"\ci{" not in table  # no fake interval printed
-    assert "1 sample: no PPL interval" in table
+    assert "1 sample of 64 tokens" in table and "1 sample: no interval" in table
 
 
 def test_only_shared_samples_are_used(tmp_path):
@@ -259,12 +259,15 @@ def test_tables_and_macros(tmp_path):
     aggs = _all_aggs(tmp_path)
     files = tables.write_tables(aggs, tmp_path / "tables", config={"eval": {"cap": 16}, "paper": PAPER})
     names = sorted(p.name for p in files)
-    assert names == ["reproduction.tex", "setup.tex", "sweep_compress_every.tex", "table1.tex", "table2.tex"]
+    assert names == ["presets.tex", "reproduction.tex", "setup.tex", "sweep_compress_every.tex", "table1.tex",
+                     "table2.tex"]
     t1 = (tmp_path / "tables" / "table1.tex").read_text()
     assert r"\toprule" in t1 and r"\bottomrule" in t1
     best = aggs["table1"]["policies"]["ours_best"]
     assert latex.fmt(best["speedup"]) in t1 and latex.fmt(best["ppl_increase_percent"], 2, True) in t1
-    assert "Ours (Best, R=8)" in t1  # the label takes R from the data
+    assert latex.fmt_ci(best, "decode_ppl_increase_percent", 2, True) in t1  # the primary figure, with its interval
+    assert "Lazy (Best, R=8)" in t1  # the label takes R from the data
+    assert "Peak mem" not in t1  # a CPU process's peak RSS says nothing about the cache
     sweep = (tmp_path / "tables" / "sweep_compress_every.tex").read_text()
     assert sweep.index("sweep\\_r2") if "sweep\\_r2" in sweep else True
     # the sweep is sorted by R
@@ -350,7 +353,7 @@ def test_setup_table_reads_provenance(tmp_path):
     aggs = _all_aggs(tmp_path)
     tex = tables.setup_table(aggs, {"eval": {"cap": 16, "positions": "relative", "warmup": 2},
                                     "model": {"name": "tiny", "source": "embedded:tiny-llama"}})
-    for value in ("TestCPU", "2.13.0", "5.24.0", "0123456789ab", "float32", "embedded:tiny-llama"):
+    for value in ("TestCPU", "2.13.0", "5.24.0", "0123456789ab", "float32", "a tiny random Llama"):
         assert value in tex, value
 
 
@@ -493,7 +496,7 @@ def test_roles_not_names_drive_tables_and_macros(tmp_path):
         assert a[a.index(r"\begin{tabular}"):] == b[b.index(r"\begin{tabular}"):], old
     assert tables.reproduction_table(before, config(False)) == tables.reproduction_table(after, config(True))
     mit_row = next(line for line in tables.reproduction_table(after, config(True)).splitlines()
-                   if line.startswith("MIT StreamingLLM"))
+                   if line.startswith("StreamingLLM (S=4, R=1)"))  # the original's row, under our label
     assert latex.fmt(after["main_results"]["policies"]["streaming"]["speedup"]) in mit_row  # matched by its stem
     old_macros = _newcommands(macros.macros_tex(before, config(False)))
     new_macros = _newcommands(macros.macros_tex(after, config(True)))
@@ -513,11 +516,11 @@ def test_aggregates_and_configs_without_roles_still_render(tmp_path):
     assert agg["policies"]["ours_best"]["label"] == "ours_best"
     del agg["role"], agg["knob"]
     table = tables.experiment_table(agg, "table1")
-    assert "Results of experiment" in table and r"ours\_best" in table
+    assert "Further policies" in table and r"ours\_best" in table
     tex = macros.macros_tex({"table1": agg}, {})
     assert r"\newcommand{\SpeedupOursBest}{" in tex and r"\haveTableOnetrue" in tex
     repro = tables.reproduction_table({"table1": agg})  # no main role, no stems: nothing matched
-    assert r"MIT StreamingLLM & 6.86 & -- & 14.6 & --" in repro
+    assert r"``MIT StreamingLLM'' & 6.86 & -- & 14.6 & --" in repro
 
 
 def test_policy_label_takes_knobs_from_the_parameters():
@@ -526,11 +529,88 @@ def test_policy_label_takes_knobs_from_the_parameters():
     sink = dict(type="sink", n_sink=4, compress_every=1, cache_slack=0, max_drop=None, budget_mode="fixed")
     assert policy_label("mit", sink, "StreamingLLM") == "StreamingLLM (S=4, R=1)"
     lazy = dict(sink, n_sink=8, compress_every=8, cache_slack=4, max_drop=8)
-    assert policy_label("best", lazy, "Ours (Best)") == "Ours (Best, R=8)"
-    assert policy_label("best_cap", dict(lazy, budget_mode="cap"), "Ours (Best)") == "Ours (Best, R=8, cap)"
+    assert policy_label("best", lazy, "Lazy (Best)") == "Lazy (Best, R=8)"
+    assert policy_label("best_cap", dict(lazy, budget_mode="cap"), "Lazy (Best)") == "Lazy (Best, R=8, cap)"
     assert policy_label("w", {"type": "window", "window_size": 16}, "Window (no sinks)") == "Window (no sinks, W=16)"
     assert policy_label("recompute", {"type": "recompute"}, "Full recomputation") == "Full recomputation"
     assert policy_label("abl_s0", lazy) == "abl_s0"  # no label: the name
+
+
+# ------------------------------------------------------------------- what the tables and prose may claim
+def test_sweep_and_ablation_tables_show_the_reference_once(tmp_path):
+    aggs = _all_aggs(tmp_path)
+    for name in ("table2", "sweep_compress_every"):
+        tex = tables.experiment_table(aggs[name], name)
+        body = tex[tex.index(r"\begin{tabular}"):]
+        assert "Full recomputation" not in body  # no row repeating the reference
+        assert tex.count("Reference: Full recomputation") == 1  # named once, in the caption
+        head = next(line for line in body.splitlines() if "Max." in line)
+        assert "Dec.\\ inc." in head and "All inc." in head and head.count("&") <= 5
+
+
+def test_peak_memory_is_shown_only_where_it_resolves_the_cache(tmp_path):
+    agg = _all_aggs(tmp_path)["table1"]
+    assert "Peak mem" not in tables.experiment_table(agg, "table1")  # a CPU process's peak RSS
+    for i, r in enumerate(agg["policies"].values()):
+        r["memory_kind"], r["peak_memory_mb"] = "cuda_max_allocated", 1000.0 + 10 * i
+    assert "Peak mem" in tables.experiment_table(agg, "table1")
+
+
+def test_presets_table_lists_every_knob_of_the_main_policies(tmp_path):
+    tex = tables.presets_table(_all_aggs(tmp_path), {"paper": PAPER})
+    assert r"\label{tab:presets}" in tex
+    best = next(line for line in tex.splitlines() if line.startswith("Lazy (Best"))
+    # S, W, C, R, sigma, delta, mode, and the largest forward C + max(R, sigma + 1)
+    assert best.split(" & ")[2:9] == ["8", "8", "16", "8", "4", "8", "fixed"] and best.endswith(r"24 \\")
+    window = next(line for line in tex.splitlines() if line.startswith("Window"))
+    assert window.split(" & ")[2:4] == ["--", "16"]  # a knob the kind does not use is not shown
+
+
+def test_a_sweep_whose_cells_agree_is_described_by_one_value(tmp_path):
+    PRESETS.setdefault("sweep_sigma8", dict(PRESETS["ours_softlite"], cache_slack=8))
+    pols = ["recompute", "abl_s0_d8", "ours_softlite", "sweep_sigma8"]
+    nll = [np.linspace(1.0, 2.0, 63) + 0.1 * i for i in range(3)]
+    paths = [make_cell(tmp_path, pol, i, nll[i] + (0.0 if pol == "recompute" else 0.05), 100.0 if pol == "recompute"
+                       else 10.0) for pol in pols for i in range(3)]
+    agg = aggregate(tmp_path, paths, experiment="sweep_cache_slack", policies=pols, role="sweep", knob="cache_slack")
+    text = macros.sweep_summary(agg, None)
+    assert r"is +" in text and r"at every $\sigma$" in text and "the speedup is" in text
+    assert "ranges from" not in text and "lowest" not in text and "highest" not in text
+
+
+def test_a_speed_difference_inside_the_measured_timing_noise_is_no_ordering(tmp_path):
+    from kvstream.study import claims
+
+    rounds = {"recompute": [100.0] * 4, "mit_streaming": [10.0] * 4, "ours_best": [9.0, 9.1, 8.9, 9.0],
+              "ours_softlite": [10.0] * 4, "abl_s0_dnull": [12.0, 12.5, 11.5, 12.0]}
+    shift = {"recompute": 0.0, "mit_streaming": 0.05, "ours_best": 0.04}
+    nll = [np.linspace(1.0, 2.0, 63) + 0.1 * i for i in range(4)]
+    paths = []
+    for pol, ms in rounds.items():
+        for i in range(4):
+            path = make_cell(tmp_path, pol, i, nll[i] + shift.get(pol, 0.06), ms[i])
+            if pol == "abl_s0_dnull":  # the noise probe: ours_softlite's computation (same schedule), timed again
+                cell = json.loads(path.read_text())
+                cell["reused_from"] = {"policy": "ours_softlite"}
+                path.write_text(json.dumps(cell))
+            paths.append(path)
+    agg = aggregate(tmp_path, paths, experiment="table1", policies=list(rounds))
+    m = _newcommands(macros.macros_tex({"table1": agg}, {"experiments": ROLES, "paper": PAPER}))
+    assert float(m["TimingNoiseFactor"]) > 1.15 and "timed one computation twice" in m["TimingNoiseSentence"]
+    ratio = claims.speed_ratio(agg["policies"]["mit_streaming"], agg["policies"]["ours_best"])
+    assert ratio["lo"] > 1 and claims.speed_order(ratio, None) == "faster than"  # the interval alone would order
+    assert m["BestVsMitSpeedWord"] == "not distinguishable in speed from"  # the measured noise does not
+    assert "abl" not in m["IdenticalAllSentence"] and r"$\sigma=0,\ \delta=\infty$" in m["IdenticalAllSentence"]
+
+
+def test_an_interval_over_few_samples_is_not_evidence():
+    from kvstream.study import wording
+
+    c = {"value": 1.0, "lo": 0.5, "hi": 1.5}
+    assert wording.resolved(c, wording.MIN_SAMPLES_FOR_EVIDENCE) is True
+    assert wording.resolved(c, 2) is None and "not evidence" in wording.support(c, 2)
+    assert wording.support(dict(c, lo=-0.5), 20) == "the interval includes zero"
+    assert wording.support({"value": 1.0, "lo": float("nan"), "hi": float("nan")}, 1).startswith("with one sample")
 
 
 # ----------------------------------------------------------------------------------- policy zoo
@@ -560,7 +640,7 @@ def test_zoo_table_one_block_per_peak_and_r(tmp_path):
     assert "over the 3 samples" in table and "(16 and 32 tokens)" in table  # interval and equal peak lengths
     body = table[table.index(r"\begin{tabular}"):]
     rows = [line for line in body.splitlines() if line.endswith(r"\\") and "&" in line][1:]  # after the head
-    assert rows[0].startswith("Full recomputation (ref.)")
+    assert rows[0].startswith("Full recomputation (reference)")
     first = [r.split(" & ")[:3] for r in rows[1:7]]  # peak 16, R = 1: sink first, then the kinds in order
     assert first == [["Sink (StreamingLLM)", "1", "16"], ["Window (no sinks)", "1", "16"], ["H2O", "1", "16"],
                      ["TOVA", "1", "16"], ["Key-norm", "1", "16"], ["Random", "1", "16"]]
@@ -581,27 +661,34 @@ def _zoo_macros(agg) -> dict[str, str]:
 def test_zoo_sentences_take_their_direction_from_the_data(tmp_path):
     # h2o before sink in the list: a smaller NLL shift, so a lower PPL increase; knorm after: higher
     pols = ["recompute", "zoo_h2o_p16_r1", "zoo_sink_p16_r1", "zoo_knorm_p16_r1"]
-    agg = _zoo_agg(tmp_path, pols)
+    agg = _zoo_agg(tmp_path / "eight", pols, n_samples=8)
     tex = macros.macros_tex({"zoo": agg}, {"experiments": {"zoo": {"role": "zoo"}}})
     assert r"\haveZootrue" in tex
     m = _newcommands(tex)
     quality = m["ZooQualitySentence"]
-    assert "paired over the 3 samples" in quality
+    assert "paired over the 8 samples" in quality
     assert "H2O has a lower PPL increase" in quality and "Key-norm has a higher PPL increase" in quality
+    assert "the interval excludes zero" in quality
     diff = contrast(agg, {"zoo_h2o_p16_r1": 1, "zoo_sink_p16_r1": -1}, metric="decode_ppl_increase_percent")
     assert diff["hi"] < 0 and latex.fmt(diff["value"], 2, True) in quality
-    assert m["ZooPeaks"] == "16" and m["ZooRValues"] == "1" and m["ZooNSamples"] == "3"
+    assert m["ZooPeaks"] == "16" and m["ZooRValues"] == "1" and m["ZooNSamples"] == "8"
     assert m["ZooTableRef"] == r"Table~\ref{tab:zoo}" and m["KvZooTable"] == r"\input{generated/tables/zoo.tex}"
-    assert "H2O 0.92$\\times$" in m["ZooSpeedSentence"] and "faster" in m["ZooSpeedSentence"]  # 11 ms vs 12 ms
     assert "one $R$ only" in m["ZooLazySentence"]
     assert "no forward measured" in m["ZooSetupSentence"]
+    # the same direction over 3 samples: an interval that cannot be evidence, and says so
+    few = _newcommands(macros.macros_tex({"zoo": _zoo_agg(tmp_path / "three", pols)},
+                                         {"experiments": {"zoo": {"role": "zoo"}}}))
+    assert "H2O has a nominally lower PPL increase" in few["ZooQualitySentence"]
+    assert "with only 3 samples these intervals are descriptive ranges" in few["ZooQualitySentence"]
+    assert "excludes zero" not in few["ZooQualitySentence"]
+    assert "H2O 0.92$\\times$" in few["ZooSpeedSentence"] and "faster" in few["ZooSpeedSentence"]  # 11 vs 12 ms
 
 
 def test_zoo_similar_when_the_interval_includes_zero(tmp_path):
-    base = [np.linspace(1.0, 3.0, 47) + 0.1 * i for i in range(4)]
-    noise = [0.02, -0.02, 0.01, -0.01]  # tova vs sink: differences of both signs across samples
+    base = [np.linspace(1.0, 3.0, 47) + 0.1 * i for i in range(8)]
+    noise = [0.02, -0.02, 0.01, -0.01, 0.015, -0.015, 0.02, -0.02]  # tova vs sink: both signs across samples
     paths = []
-    for i in range(4):
+    for i in range(8):
         paths.append(make_cell(tmp_path, "recompute", i, base[i], 100.0))
         paths.append(make_cell(tmp_path, "zoo_sink_p16_r1", i, base[i] + 0.1, 10.0))
         paths.append(make_cell(tmp_path, "zoo_tova_p16_r1", i, base[i] + 0.1 + noise[i], 10.0))

@@ -1,7 +1,8 @@
 # Aggregates, LaTeX tables, figures and the macros the paper quotes (workflow/scripts/*.py).
 #   results/aggregate/{model}/{experiment}.csv|json  pooled results with 95 % bootstrap intervals
 #   results/figures/{model}/{name}.pdf|png
-#   paper/generated/tables/{experiment}.tex      booktabs table per experiment, + reproduction.tex, setup.tex
+#   paper/generated/tables/{experiment}.tex      booktabs table per experiment, + presets.tex, reproduction.tex,
+#                                                setup.tex
 #   paper/generated/figures/{name}.pdf           the figures, copied for the paper
 #   paper/generated/macros.tex                   every number the prose quotes, the author block, switches
 # A run's results are keyed by its model (as its cells): another config's run leaves them alone. paper/ holds
@@ -24,7 +25,8 @@ ZOOS = [e for e in EXPERIMENTS if PLAN.experiment_role(e) == "zoo"]
 ZOO_FIGURES = ["zoo_ppl", "zoo_speed"] if ZOOS else []
 FIGURES = ["tradeoff", "cache_trace", "nll_along", *SWEEPS, *ZOO_FIGURES]
 PAPER_TABLES = [f"paper/generated/tables/{e}.tex" for e in EXPERIMENTS]
-PAPER_TABLES.extend(["paper/generated/tables/reproduction.tex", "paper/generated/tables/setup.tex"])
+PAPER_TABLES.extend(["paper/generated/tables/presets.tex", "paper/generated/tables/reproduction.tex",
+                     "paper/generated/tables/setup.tex"])
 PAPER_FIGURES = [f"paper/generated/figures/{f}.pdf" for f in FIGURES]
 PAPER_MACROS = "paper/generated/macros.tex"
 PAPER_OWNER = "paper/generated/owner.json"
@@ -128,6 +130,26 @@ rule table_reproduction:
         config=PLAN.paper_config(),
     log:
         "results/logs/tables/reproduction.log",
+    threads: 1
+    resources:
+        **PLAN.rule_resources("report"),
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/tables.py"
+
+
+rule table_presets:
+    input:
+        aggregate=PLAN.aggregate_path(PLAN.main_experiment, "json"),
+        owner=PAPER_OWNER,
+    output:
+        "paper/generated/tables/presets.tex",
+    params:
+        kind="presets",
+        config=PLAN.paper_config(),
+    log:
+        "results/logs/tables/presets.log",
     threads: 1
     resources:
         **PLAN.rule_resources("report"),

@@ -18,7 +18,7 @@ with logged(snakemake):  # noqa: F821
         "whole eviction periods of the row, every step timed, or for runs made before that rule the median; "
         r"p10--p90 over all timed steps; ratio to a dense cache held at exactly $C$ tokens, timed in the same "
         "run). Rows marked graph run "
-        "fixed shapes replayed from a CUDA graph. Made by \\texttt{kvstream bench} (rule \\texttt{bench}) and, "
+        "fixed shapes replayed from a CUDA graph. Made by \\texttt{kvstream bench} in this run and, "
         "for the GPU, \\texttt{benchmarks/gpu\\_check.py}; random weights, model shapes as named."
     )
     with atomic_path(sm.output[0]) as tmp:

@@ -20,6 +20,8 @@ with logged(snakemake):  # noqa: F821
         text = tables.experiment_table(aggs[sm.wildcards.experiment], sm.wildcards.experiment)
     elif kind == "reproduction":
         text = tables.reproduction_table(aggs, config)
+    elif kind == "presets":
+        text = tables.presets_table(aggs, config)
     elif kind == "setup":
         text = tables.setup_table(aggs, config)
     else:

@@ -7,7 +7,8 @@ Modules by job (no module imports one that imports it back):
 - `roles`: which experiment and policy play which part (config `experiments.<name>.role`, `paper:`);
 - `published`: the original study's published numbers (`published.json`);
 - `latex`: escaping and number formatting, macro stems, the macro file;
-- `tables`: experiment, reproduction and setup tables; `claims` and `macros`: macros.tex;
+- `tables`: experiment tables, `setup_tables`: presets, reproduction and setup; `claims`, `identical` and
+  `macros`: macros.tex; `wording`: the prose's words (no pipeline identifier; when an interval is evidence);
 - `zoo`: the policy zoo (role zoo): its table rows, numbers and data-driven sentences;
 - `plotting`: the figures' shared style and writing; `figures`: the trade-off, sweeps, cache trace and NLL
   figures; `zoo_figures`: the zoo's PPL-against-budget and speed-against-R figures;

@@ -45,12 +45,15 @@ def format_table(result: dict) -> str:
 
 
 def latex_table(results: list[dict], caption: str, label: str = "tab:bench") -> str:
-    """A booktabs table of one or more bench results (one block per shape/budget/device)."""
+    """A booktabs table of one or more bench results (one block per shape/budget/device), defined as the macro
+    \\KvBenchTable: the file that holds it also holds the macros the paper's text quotes, so it is read before
+    that text, and the table is placed after the paragraph that cites it."""
 
     def esc(text: str) -> str:
         return str(text).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
 
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
+    lines = [r"\newcommand{\KvBenchTable}{%", r"\begin{table}", r"\centering", r"\small", rf"\caption{{{caption}}}",
+             rf"\label{{{label}}}",
              r"\begin{tabular}{lrrrr}", r"\toprule",
              r"Row & mean ms & p10--p90 ms & $\times$ floor & mean length \\"]
     for result in results:
@@ -66,7 +69,7 @@ def latex_table(results: list[dict], caption: str, label: str = "tab:bench") -> 
             lines.append(rf"\multicolumn{{5}}{{l}}{{\footnotesize memory-bandwidth floor "
                          rf"{result['bandwidth_floor_ms']:.2f} ms ({result['bytes_per_token'] / 1e9:.2f} GB per token at "
                          rf"{result['bandwidth_gb_s']:.0f} GB/s measured)}} \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}}"]
     return "\n".join(lines) + "\n"
 
 

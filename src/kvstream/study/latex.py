@@ -115,7 +115,7 @@ class MacroFile:
     def __init__(self):
         self.lines: list[str] = []
         self.names: set[str] = set()
-        self.noise_factor: float | None = None  # timing noise measured by identical schedules (macros.py)
+        self.noise: dict[str, float] = {}  # dataset -> timing noise of its speed run (study.identical)
 
     def add(self, name: str, value: str, comment: str | None = None) -> None:
         if not re.fullmatch(r"[A-Za-z]+", name):

@@ -5,31 +5,39 @@ Names: `\\have<Experiment>` switches for every configured or aggregated experime
 switches (`\\ifhaveZoo` among them); `\\<Field><Stem>` for every policy (its stem from config
 `paper.stems`, else its CamelCase name), the first experiment that has it winning (the main experiment,
 then the ablation, then the rest); `\\Orig...` for the original's published numbers (`published`); the
-sentences of `claims` and of the zoo section (`zoo`); `\\KvResult{experiment}{policy}{field}` for
-anything else. A paper that tests switches of experiments its configuration does not name declares them
-itself (paper/kvpaper.sty); this file sets those it knows.
+sentences of `claims`, of identical schedules and timing noise (`identical`) and of the zoo section (`zoo`);
+`\\KvResult{experiment}{policy}{field}` for anything else. A paper that tests switches of experiments its
+configuration does not name declares them itself (paper/kvpaper.sty); this file sets those it knows.
+
+Quality is quoted over decode targets (`DecodePplInc<Stem>`); `PplInc<Stem>` is the all-target figure the
+original study reported. No macro the prose quotes carries a config name: policies are named by their labels
+or knobs, texts and models by `wording`.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping
 
 from kvstream.study import published
-from kvstream.study.claims import claim_macro_names, claims
-from kvstream.study.latex import KNOB_TEX, MacroFile, finite, fmt, fmt_knob, macro_stem, ordinal, tex_escape
+from kvstream.study.claims import METRIC, claim_macro_names, claims, speed_order, speed_ratio
+from kvstream.study.identical import identical_macros
+from kvstream.study.latex import KNOB_TEX, MacroFile, finite, fmt, fmt_knob, macro_stem, ordinal, table_label, tex_escape
 from kvstream.study.roles import PaperPolicies, experiment_roles, main_aggregate, paper_order, role, sweep_knob
-from kvstream.study.tables import memory_kind_words, merged_provenance
+from kvstream.study.setup_tables import memory_kind_words, merged_provenance
+from kvstream.study.wording import (MIN_SAMPLES_FOR_EVIDENCE, and_list, dataset_name, model_name, noise_words, plural,
+                                    policy_names)
 from kvstream.study.zoo import zoo_macros
 
-_POLICY_FIELDS = ("Speedup", "SpeedupLo", "SpeedupHi", "PplInc", "PplIncLo", "PplIncHi", "DecodePplInc", "Ppl",
-                  "DecodePpl", "Tpot", "PeakMem", "KvMB", "MaxLen", "Budget", "Label", "Mode")
+_POLICY_FIELDS = ("Speedup", "SpeedupLo", "SpeedupHi", "PplInc", "PplIncLo", "PplIncHi", "DecodePplInc",
+                  "DecodePplIncLo", "DecodePplIncHi", "Ppl", "DecodePpl", "Tpot", "PeakMem", "KvMB", "MaxLen",
+                  "Budget", "Label", "Mode")
 _RESULT_FIELDS = (("speedup", 2, False), ("tpot_ms", 1, False), ("ppl", 2, False), ("decode_ppl", 2, False),
                   ("ppl_increase_percent", 2, True), ("decode_ppl_increase_percent", 2, True),
                   ("peak_memory_mb", 0, False), ("trace_max", 0, False), ("budget", 0, False))
 _NOT_RUN = r"\emph{(not run in this configuration)}"
-_SETUP_NAMES = ("DatasetName", "DatasetSource", "NSamples", "TokensPerSample", "MemoryKind", "DecodeTokens",
-                "DecodeTargetsPerSample", "PairedTargetsPerSample", "RecomputeEvery", "RecomputeScored",
-                "SpeedRounds", "SpeedThreads", "SpeedExecution", "SpeedDevice")
+_SETUP_NAMES = ("DatasetName", "NSamples", "TokensPerSample", "MemoryKind", "DecodeTokens", "DecodeTargetsPerSample",
+                "PairedTargetsPerSample", "RecomputeEvery", "RecomputeScored", "PrefillShare", "SamplesEvidence",
+                "SpeedRounds", "SpeedThreads", "SpeedExecution", "SpeedDevice", "SpeedStarted")
 
 
 def author_block(config: Mapping | None) -> str:
@@ -61,17 +69,21 @@ def _switches(m: MacroFile, aggs: Mapping[str, Mapping], roles: Mapping[str, dic
 
 
 def _setup(m: MacroFile, aggs: Mapping[str, Mapping], config: Mapping) -> None:
-    """Model, software, device and the main experiment's dataset, samples, pairing and speed run."""
+    """Model, software, device and the main experiment's text, samples, pairing and speed run."""
     prov = merged_provenance(aggs)
     model = config.get("model") or {}
     ev = config.get("eval") or {}
-    m.add("ModelName", _one(prov.get("model_label")) if prov.get("model_label") else tex_escape(model.get("name", "--")))
-    m.add("ModelSource", tex_escape(model.get("source", "--")))
+    name, weights = model_name(model.get("source"), _one(prov.get("model_label"), model.get("name", "--")))
+    m.add("ModelName", name)
+    m.add("ModelSource", weights)
     m.add("Dtype", _one([str(d).replace("torch.", "") for d in prov.get("dtype") or []],
                         tex_escape(model.get("dtype", "--"))))
     m.add("DeviceName", _one(prov.get("device_name")))
     m.add("DeviceKind", _one(prov.get("device")))
+    threads = [t for t in prov.get("threads") or [] if isinstance(t, int)]
     m.add("Threads", _one(prov.get("threads")))
+    m.add("ThreadsPerJob", plural(threads[0], "torch thread") if len(threads) == 1 else
+          f"{_one(threads)} torch threads")
     m.add("CpuCount", _one(prov.get("cpu_count")))
     m.add("TorchVersion", _one(prov.get("torch")))
     m.add("TransformersVersion", _one(prov.get("transformers")))
@@ -84,33 +96,41 @@ def _setup(m: MacroFile, aggs: Mapping[str, Mapping], config: Mapping) -> None:
     m.add("Warmup", fmt(ev.get("warmup"), 0))
     m.add("Positions", tex_escape(ev.get("positions", "--")))
     m.add("NBoot", tex_escape(prov.get("n_boot", "--")))
+    m.add("MinSamplesEvidence", str(MIN_SAMPLES_FOR_EVIDENCE))
     main = main_aggregate(aggs)
     if not main:
         for name in _SETUP_NAMES:
             m.add(name, "--")
         return
-    ds = main.get("dataset")
-    dcfg = (config.get("datasets") or {}).get(ds, {})
-    m.add("DatasetName", tex_escape(ds))
-    m.add("DatasetSource", tex_escape(dcfg.get("source", ds)))
+    dcfg = (config.get("datasets") or {}).get(main.get("dataset"), {})
+    m.add("DatasetName", dataset_name(dcfg.get("source"), "the text"))
+    n = max(int(main["n_samples"]), 1)
     m.add("NSamples", str(main["n_samples"]))
     m.add("TokensPerSample", _one((main.get("provenance") or {}).get("n_tokens"), fmt(dcfg.get("tokens_per_sample"), 0)))
     m.add("MemoryKind", tex_escape(memory_kind_words(main)))
     ref = main["policies"].get(main.get("reference") or "", {})
     m.add("DecodeTokens", fmt(ref.get("decode_tokens"), 0))
     others = [r for r in main["policies"].values() if not r.get("is_reference")]
-    n = max(int(main["n_samples"]), 1)
     m.add("DecodeTargetsPerSample", fmt(others[0]["n_decode_targets"] / n, 0) if others else "--")
     m.add("PairedTargetsPerSample", fmt(others[0].get("paired_targets", float("nan")) / n, 0) if others else "--")
     k = int(main.get("recompute_every") or 1)
     m.add("RecomputeEvery", str(k))
     m.add("RecomputeScored", "every decode target" if k == 1 else f"every {ordinal(k)} decode target")
+    pairs = (others[0].get("paired") or {}) if others else {}
+    all_n, dec_n = (sum((pairs.get(f) or {}).get("n") or [0]) for f in ("ppl_increase_percent", METRIC))
+    m.add("PrefillShare", fmt(100 * (all_n - dec_n) / all_n, 0) if all_n else "--")
+    m.add("SamplesEvidence",
+          rf"With {plural(n, 'sample')} a percentile-bootstrap interval is a descriptive range: we read no interval "
+          rf"over fewer than {MIN_SAMPLES_FOR_EVIDENCE} samples as evidence for or against a difference."
+          if n < MIN_SAMPLES_FOR_EVIDENCE else
+          rf"An interval over the {n} samples is read as evidence of a difference only when it excludes zero.")
     sp = main.get("speed") or {}
     m.add("SpeedRounds", tex_escape(sp.get("rounds", "--")))
     t = sp.get("threads")
-    m.add("SpeedThreads", "--" if t is None else f"{t} thread" + ("" if t == 1 else "s"))
+    m.add("SpeedThreads", "--" if t is None else plural(t, "thread"))
     m.add("SpeedExecution", tex_escape(sp.get("execution", "--")))
     m.add("SpeedDevice", tex_escape(sp.get("device_name", "--")))
+    m.add("SpeedStarted", tex_escape(sp.get("started_at") or "--"))
 
 
 def _original(m: MacroFile) -> None:
@@ -141,7 +161,8 @@ def _policy_macros(m: MacroFile, aggs: Mapping[str, Mapping], paper: PaperPolici
             for name, value in zip(_POLICY_FIELDS, (
                     fmt(r.get("speedup")), fmt(r.get("speedup_lo")), fmt(r.get("speedup_hi")),
                     fmt(r.get("ppl_increase_percent"), 2, True), fmt(r.get("ppl_increase_percent_lo"), 2, True),
-                    fmt(r.get("ppl_increase_percent_hi"), 2, True), fmt(r.get("decode_ppl_increase_percent"), 2, True),
+                    fmt(r.get("ppl_increase_percent_hi"), 2, True), fmt(r.get(METRIC), 2, True),
+                    fmt(r.get(f"{METRIC}_lo"), 2, True), fmt(r.get(f"{METRIC}_hi"), 2, True),
                     fmt(r.get("ppl")), fmt(r.get("decode_ppl")), fmt(r.get("tpot_ms"), 1),
                     fmt(r.get("peak_memory_mb"), 0), fmt(r.get("kv_cache_mb"), 1), fmt(r.get("trace_max"), 0),
                     fmt(r.get("budget"), 0), tex_escape(r.get("label")), tex_escape(r.get("budget_mode") or "--"))):
@@ -155,124 +176,80 @@ def _other_experiments(aggs: Mapping[str, Mapping]) -> list[str]:
     return [e for e, a in aggs.items() if e not in firsts and role(a) != "sweep"]
 
 
-def identical_groups(rows: Iterable[Mapping]) -> list[list[dict]]:
-    """Policies whose cells computed the same thing: identical measured traces and bit-identical per-token
-    NLL files on every sample (needs the hashes stored by `aggregate`)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        ps = r.get("per_sample") or {}
-        nll, tr = ps.get("nll_sha256"), ps.get("trace_sha256")
-        if not nll or None in nll or r.get("is_reference"):
-            continue
-        groups.setdefault((tuple(nll), tuple(tr or [])), []).append(dict(r))
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def _group_text(g: Sequence[Mapping]) -> str:
-    names = ", ".join(rf"\texttt{{{tex_escape(r['policy'])}}}" for r in g)
-    t = [r.get("tpot_ms") for r in g if finite(r.get("tpot_ms")) and not r.get("speed_from")]
-    txt = rf"{{{names}}}"
-    shared = len(g) - len(t)
-    if t and shared:  # evaluated once: the others took the timing of the policy whose cells they reuse
-        txt += (rf" (TPOT of the {len(t)} timed separately: {fmt(min(t), 1)}--{fmt(max(t), 1)}\,ms; "
-                rf"the other {shared} reuse their cells and timing)")
-    elif t:
-        txt += rf" (TPOT {fmt(min(t), 1)}--{fmt(max(t), 1)}\,ms)"
-    return txt
-
-
-def _identical(m: MacroFile, aggs: Mapping[str, Mapping]) -> None:
-    """Which cells computed identical results, per experiment and over all; the TPOT spread inside such a
-    group is a direct measurement of timing noise."""
-    for exp, agg in aggs.items():
-        groups = identical_groups(agg["policies"].values())
-        if groups:
-            shared = any(r.get("reused_from") for g in groups for r in g)
-            m.add("IdenticalSentence" + macro_stem(exp),
-                  (r"Policies with the same eviction schedule, evaluated once (shared cells): " if shared else
-                   r"Cells that evicted identically and produced bit-identical per-token NLL on every sample: ")
-                  + "; ".join(_group_text(g) for g in groups) + ".")
-        else:
-            m.add("IdenticalSentence" + macro_stem(exp), "")
-    seen: dict[str, dict] = {}
-    for agg in aggs.values():
-        for pol, r in agg["policies"].items():
-            seen.setdefault(pol, r)
-    groups = identical_groups(seen.values())
-    if not groups:
-        m.add("IdenticalAllSentence", r"No two policies produced identical results.")
-        return
-    reused = any(r.get("reused_from") for g in groups for r in g)
-    m.add("IdenticalAllSentence",
-          (r"Across all experiments, these groups of policies have the same eviction schedule (the same "
-           r"cache-length trace) although their knobs differ, so they evict the same tokens at the same steps; "
-           r"each group was evaluated once and its cells are shared: "
-           if reused else
-           r"Across all experiments, these groups of policies evicted identically (same measured cache-length "
-           r"trace) and produced bit-identical per-token NLL on every sample, although their knobs differ: ")
-          + "; ".join(_group_text(g) for g in groups) + ".")
-    ratios = []
-    for g in groups:  # only policies timed themselves (not those that took an identical one's timing)
-        t = [r.get("tpot_ms") for r in g if finite(r.get("tpot_ms")) and not r.get("speed_from")]
-        if len(t) > 1 and min(t) > 0:
-            ratios.append((max(t) / min(t), min(t), max(t)))
-    if ratios:
-        worst = max(ratios)
-        m.noise_factor = worst[0]
-        m.add("TimingNoiseFactor", fmt(worst[0], 2))
-        m.add("TimingNoiseSentence",
-              rf"Since each such group runs exactly the same computation, the spread of the TPOTs of its members "
-              rf"timed separately in the speed run (interleaved with every other policy) is timing noise of this machine: up to a "
-              rf"factor of {fmt(worst[0], 3)} ({fmt(worst[1], 2)} to {fmt(worst[2], 2)}\,ms). "
-              r"Latency differences between policies smaller than that are not resolved by this run.")
+def _sanity(m: MacroFile, aggs: Mapping[str, Mapping], config: Mapping) -> None:
+    """The first experiment with role sanity (the main presets on a second text): its table and its text."""
+    exp = next((e for e, a in aggs.items() if role(a) == "sanity"), None)
+    if exp:
+        source = ((config.get("datasets") or {}).get(aggs[exp].get("dataset")) or {}).get("source")
+        m.add("SanityTableRef", rf"Table~\ref{{{table_label(exp)}}}")
+        m.add("KvSanityTable", rf"\input{{generated/tables/{exp}.tex}}")
+        m.add("SanityDataset", dataset_name(source, "a second text"))
+    for name in ("SanityTableRef", "KvSanityTable", "SanityDataset"):  # the section sits inside \ifhaveWikitext
+        m.add(name, "n/a")
 
 
 def _peak_matched(m: MacroFile, aggs: Mapping[str, Mapping]) -> None:
     """Describe every experiment that has a sink policy in budget mode `cap` (peak-matched)."""
     parts = []
-    for exp, agg in aggs.items():
+    for agg in aggs.values():
         rows = [r for r in agg["policies"].values() if r.get("type") == "sink"]
         if role(agg) == "zoo" or not any(r.get("budget_mode") == "cap" for r in rows):  # the zoo has its section
             continue
-        items = [rf"{tex_escape(r['label'])} (mode \texttt{{{tex_escape(r.get('budget_mode'))}}}, $C={fmt(r.get('budget'), 0)}$, "
-                 rf"max.\ $L={fmt(r.get('trace_max'), 0)}$): PPL increase {fmt(r.get('ppl_increase_percent'), 2, True)}\,\%, "
-                 rf"speedup {fmt(r.get('speedup'))}$\times$" for r in rows]
-        parts.append(rf"In \texttt{{{tex_escape(exp)}}}: " + "; ".join(items) + ".")
+        items = [rf"{name} (mode \texttt{{{tex_escape(r.get('budget_mode'))}}}, $C={fmt(r.get('budget'), 0)}$, "
+                 rf"max.\ $L={fmt(r.get('trace_max'), 0)}$): decode PPL increase {fmt(r.get(METRIC), 2, True)}\,\%, "
+                 rf"speedup {fmt(r.get('speedup'))}$\times$" for name, r in zip(policy_names(rows), rows)]
+        parts.append("; ".join(items) + ".")
     if parts:
-        m.add("PeakMatchedSentence", " ".join(parts))
+        m.add("PeakMatchedSentence", "At equal peak length: " + " ".join(parts))
+    elif any(role(a) == "zoo" and any(r.get("budget_mode") == "cap" for r in a["policies"].values())
+             for a in aggs.values()):
+        m.add("PeakMatchedSentence", r"Apart from the policy zoo, no experiment ran in budget mode \texttt{cap}.")
+
+
+def sweep_summary(agg: Mapping, noise: float | None) -> str:
+    """What a sweep shows over its knob: the decode PPL increase and the speedup, each as one value where the
+    cells agree, the best setting only where the values differ (and, for speed, beyond the timing noise)."""
+    knob = sweep_knob(agg) or "compress_every"
+    rows = sorted((r for r in agg["policies"].values() if r.get("type") == "sink"),
+                  key=lambda r: float("inf") if r.get(knob) is None else r[knob])
+    kt = KNOB_TEX.get(knob, knob)
+    knobs = ", ".join(fmt_knob(r.get(knob)) for r in rows)
+    inc = [r for r in rows if finite(r.get(METRIC))]
+    lo, hi = (min(inc, key=lambda r: r[METRIC]), max(inc, key=lambda r: r[METRIC])) if inc else (None, None)
+    if not inc:
+        quality = "no decode PPL increase was measured"
+    elif fmt(lo[METRIC], 2, True) == fmt(hi[METRIC], 2, True):
+        quality = rf"the decode PPL increase is {fmt(lo[METRIC], 2, True)}\,\% at every {kt}"
+    else:
+        quality = (rf"the decode PPL increase ranges from {fmt(lo[METRIC], 2, True)}\,\% ({kt}$\,=\,$"
+                   rf"{fmt_knob(lo.get(knob))}) to {fmt(hi[METRIC], 2, True)}\,\% ({kt}$\,=\,${fmt_knob(hi.get(knob))})")
+    timed = [r for r in rows if finite(r.get("speedup"))]
+    if timed:
+        slow, fast = min(timed, key=lambda r: r["speedup"]), max(timed, key=lambda r: r["speedup"])
+        order = speed_order(speed_ratio(slow, fast), noise, "faster", "slower", "same")
+        speed = (rf"the speedup is {fmt(fast['speedup'])}$\times$ at every {kt}"
+                 if fmt(fast["speedup"]) == fmt(slow["speedup"]) else
+                 rf"the speedup ranges from {fmt(slow['speedup'])}$\times$ to {fmt(fast['speedup'])}$\times$, "
+                 + (rf"highest at {kt}$\,=\,${fmt_knob(fast.get(knob))}" if order == "faster" else
+                    "a spread within " + noise_words(noise)))
+    else:
+        speed = "no speed was measured"
+    lengths = sorted({fmt(r.get("trace_max"), 0) for r in rows}, key=lambda v: (len(v), v))
+    span = (rf"{lengths[0]} tokens throughout" if len(lengths) == 1 else
+            rf"from {lengths[0]} to {lengths[-1]} tokens")
+    n = int(agg["n_samples"])
+    return (rf"Over {kt} $\in\{{${knobs}$\}}$ {quality}; {speed}; the largest measured forward spans {span}. "
+            + ("With one sample there are no intervals." if not agg.get("n_boot") else
+               rf"With {plural(n, 'sample')} the intervals in the table are descriptive ranges, not evidence."
+               if n < MIN_SAMPLES_FOR_EVIDENCE else
+               "Differences smaller than the intervals in the table are not resolved."))
 
 
 def _sweep_summaries(m: MacroFile, aggs: Mapping[str, Mapping]) -> None:
-    """SweepSummary<Experiment> macros: ranges over the swept knob, read from the aggregate."""
+    """SweepSummary<Experiment> macros, read from the aggregate."""
     for exp, agg in aggs.items():
-        if role(agg) != "sweep":
-            continue
-        knob = sweep_knob(agg) or "compress_every"
-        rows = [r for r in agg["policies"].values() if r.get("type") == "sink"]
-        if not rows:
-            continue
-
-        def rng(field, nd, signed=False):
-            vals = [r.get(field) for r in rows if finite(r.get(field))]
-            if not vals:
-                return "--", "--"
-            return fmt(min(vals), nd, signed), fmt(max(vals), nd, signed)
-
-        knobs = sorted({fmt_knob(r.get(knob)) for r in rows}, key=lambda v: (len(v), v))
-        inc_lo, inc_hi = rng("ppl_increase_percent", 2, True)
-        sp_lo, sp_hi = rng("speedup", 2)
-        l_lo, l_hi = rng("trace_max", 0)
-        best = min(rows, key=lambda r: r.get("ppl_increase_percent") if finite(r.get("ppl_increase_percent")) else 1e9)
-        fast = max(rows, key=lambda r: r.get("speedup") if finite(r.get("speedup")) else -1e9)
-        kt = KNOB_TEX.get(knob, knob)
-        text = (rf"Over {kt} $\in\{{${', '.join(knobs)}$\}}$ the PPL increase ranges from "
-                rf"{inc_lo}\,\% to {inc_hi}\,\% (lowest at {kt}$\,=\,${fmt_knob(best.get(knob))}) "
-                rf"and the speedup from {sp_lo}$\times$ to {sp_hi}$\times$ (highest at "
-                rf"{kt}$\,=\,${fmt_knob(fast.get(knob))}); the largest measured forward spans "
-                + (rf"{l_lo} tokens throughout." if l_lo == l_hi else rf"{l_lo} to {l_hi} tokens.")
-                + (" Differences smaller than the intervals in the table are not resolved by these samples."
-                   if agg.get("n_boot") else " With one sample there are no intervals."))
-        m.add("SweepSummary" + macro_stem(exp), text)
+        if role(agg) == "sweep" and any(r.get("type") == "sink" for r in agg["policies"].values()):
+            m.add("SweepSummary" + macro_stem(exp), sweep_summary(agg, m.noise.get(agg.get("dataset"))))
 
 
 def _defaults(m: MacroFile, aggs: Mapping[str, Mapping], paper: PaperPolicies, roles: Mapping[str, dict]) -> None:
@@ -283,7 +260,8 @@ def _defaults(m: MacroFile, aggs: Mapping[str, Mapping], paper: PaperPolicies, r
         for f in _POLICY_FIELDS:
             m.add(f + st, "--")
     m.add("PeakMatchedSentence", r"No experiment in budget mode \texttt{cap} was run.")
-    m.add("TimingNoiseSentence", "")
+    m.add("TimingNoiseSentence", "This run timed no computation twice, so its timing noise is known only from the "
+                                 "intervals across rounds.")
     for name in claim_macro_names(paper):
         m.add(name, _NOT_RUN if name.endswith("Sentence") else "n/a")
     kinds = {**{e: r["role"] for e, r in roles.items()}, **{e: role(a) for e, a in aggs.items()}}
@@ -324,15 +302,19 @@ def macros_tex(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> st
     modes = sorted({str(r.get("budget_mode")) for a in aggs.values() for r in a["policies"].values()
                     if r.get("type") == "sink" and r.get("budget_mode")})
     m.add("BudgetModes", tex_escape(", ".join(modes) or "--"))
+    m.add("BudgetModesPhrase", ("budget mode " if len(modes) == 1 else "budget modes ")
+          + and_list([rf"\texttt{{{tex_escape(x)}}}" for x in modes]) if modes else "no sink policy")
     m.add("NExperiments", str(len(aggs)))
     m.add("NPolicies", str(len({p for a in aggs.values() for p in a["policies"]})))
     others = _other_experiments(aggs)
     m.raw(r"\newif\ifhaveOthers\haveOthers" + ("true" if others else "false"))
     m.add("KvOtherTables", "".join(rf"\input{{generated/tables/{e}.tex}}" for e in others))
-    m.add("KvOtherNames", ", ".join(rf"\texttt{{{tex_escape(e)}}}" for e in others) or "none")
-    _identical(m, aggs)
+    m.add("KvOtherRefs", ("Tables~" if len(others) > 1 else "Table~")
+          + and_list([rf"\ref{{{table_label(e)}}}" for e in others]) if others else "none")
+    identical_macros(m, aggs)
     claims(m, aggs, paper)
-    zoo_macros(m, aggs)
+    zoo_macros(m, aggs, config)
+    _sanity(m, aggs, config)
     _peak_matched(m, aggs)
     _sweep_summaries(m, aggs)
     _defaults(m, aggs, paper, roles)

@@ -14,6 +14,18 @@ from kvstream.io import atomic_path
 FIGSIZE = (5.5, 3.2)
 # Colour-blind safe (Okabe-Ito)
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+# Series that must be told apart in print and in grey: colour, marker and line style all differ, and no two
+# blues (or the yellow) come in the first six.
+SERIES = [("#000000", "o", "-"), ("#D55E00", "s", "--"), ("#0072B2", "^", "-."), ("#E69F00", "D", ":"),
+          ("#CC79A7", "v", (0, (5, 1, 1, 1))), ("#009E73", "P", (0, (1, 1)))]
+# A reference drawn under the series it is compared with: a wide grey band that a series on top of it
+# cannot hide.
+REFERENCE = {"color": "0.6", "lw": 2.6, "alpha": 0.7, "zorder": 1}
+
+
+def series(i: int) -> tuple:
+    """(colour, marker, line style) of the i-th series."""
+    return SERIES[i % len(SERIES)]
 
 
 def pyplot():

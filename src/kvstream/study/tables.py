@@ -1,124 +1,123 @@
-"""LaTeX tables (booktabs) of the study: one per experiment (its layout from its role; a zoo's rows from
-`zoo`), the reproduction table (ours beside the original's published numbers) and the setup table (from
-provenance and config)."""
+"""LaTeX tables (booktabs) of the study: one per experiment, its layout from its role (a zoo's rows from `zoo`),
+and the tables that describe the run (`setup_tables`: presets, setup, reproduction).
+
+Quality is the PPL increase over decode targets, the all-target increase beside it for comparison with the
+original study (which reported that); the reference appears once per experiment (a row of the main table,
+the caption of the others); peak memory only where it resolves the cache (`setup_tables.memory_column`).
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from kvstream.study import published
-from kvstream.study.bootstrap import CI_LEVEL
-from kvstream.study.latex import (KNOB_TEX, KNOB_WORDS, fmt, fmt_ci, fmt_knob, ordinal, table_label, tex_escape,
-                                  write_text)
-from kvstream.study.roles import (PaperPolicies, ablation_cell, ablation_corner, first_with_role, role, sweep_knob,
-                                  varying_knobs)
+from kvstream.study.latex import KNOB_TEX, KNOB_WORDS, fmt, fmt_ci, fmt_knob, ordinal, table_label, tex_escape, write_text
+from kvstream.study.roles import role, sweep_knob, varying_knobs
+from kvstream.study.setup_tables import (RESIZE, memory_column, memory_kind_words, mixed_code_text, presets_table,
+                                         reproduction_table, setup_table)
+from kvstream.study.wording import interval_words, plural
 from kvstream.study.zoo import zoo_caption, zoo_table_body
 
-_RESIZE = r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%"
+QUALITY = "decode_ppl_increase_percent"
+ALL_TARGETS = "ppl_increase_percent"
+_TITLES = {"main": "Main results.", "peak_matched": r"The presets at equal peak length (budget mode \texttt{cap}).",
+           "sanity": "The main presets on a second text.", "other": "Further policies."}
 
 
-def _caption_common(agg: Mapping) -> str:
-    n = agg["n_samples"]
-    ref = agg.get("reference") or "none"
-    every = agg.get("recompute_every") or 1
-    paired = (rf"PPL increase pairs each target with \texttt{{{tex_escape(ref)}}}'s on the same samples"
-              + (rf", on every {ordinal(every)} decode target (the ones the reference scores)" if every > 1 else "") + ".")
-    ci = (rf"Brackets for PPL: {int(agg['ci_level'] * 100)}\,\% percentile-bootstrap interval over the {n} samples "
-          rf"({agg['n_boot']} resamples" + (", paired targets resampled within each" if every > 1 else "") + ")."
-          if agg.get("n_boot") else rf"{n} sample: no PPL interval can be estimated.")
+def _tokens(agg: Mapping) -> str:
+    tokens = [t for t in (agg.get("provenance") or {}).get("n_tokens") or [] if t is not None]
+    return ", ".join(str(t) for t in tokens) or "--"
+
+
+def quality_caption(agg: Mapping) -> str:
+    """What the quality columns mean, over how many samples, against which reference."""
+    n, every = int(agg["n_samples"]), int(agg.get("recompute_every") or 1)
+    ref = agg["policies"].get(agg.get("reference") or "", {})
+    rows = [r for r in agg["policies"].values() if not r.get("is_reference")]
+    paired = rows[0].get("paired_targets") if rows else None
+    pairing = (rf" (the reference scores every {ordinal(every)} decode target: "
+               rf"{fmt(paired / n, 0) if paired else '--'} per sample)" if every > 1 else "")
+    return (rf"{plural(n, 'sample')} of {_tokens(agg)} tokens. Dec.\ inc.: the perplexity increase over decode "
+            rf"targets, each paired with {tex_escape(ref.get('label') or 'the reference')}'s on the same target"
+            rf"{pairing}; all inc.: the same over all targets, prefill targets included (which every policy scores "
+            rf"alike; as the original study reported it). Brackets for quality: {interval_words(n, agg.get('n_boot'))}.")
+
+
+def speed_caption(agg: Mapping) -> str:
     sp = agg.get("speed") or {}
-    if sp:
-        speed = (r"TPOT: mean ms per token over whole eviction periods in one interleaved speed run "
-                 rf"({tex_escape(sp.get('execution'))}, batch 1, {sp.get('rounds')} rounds, {sp.get('threads')} "
-                 + ("thread" if sp.get("threads") == 1 else "threads") + "); "
-                 r"TPOT and speedup brackets: 95\,\% $t$-intervals across the rounds.")
-    else:
-        speed = "No speed run: no TPOT."
-    samples = "1 sample" if n == 1 else f"{n} samples"
-    where = ("over the paired targets (all prefill targets and the reference's decode targets)" if every > 1
-             else "over all targets")
-    return (rf"{tex_escape(agg.get('model'))} on {tex_escape(agg.get('dataset'))}, {samples}, pooled PPL {where}. "
-            rf"{paired} {ci} {speed}" + mixed_code_text([agg]))
+    if not sp:
+        return "No speed run: no TPOT."
+    threads = sp.get("threads")
+    return (r"Speedup: the reference's time per token (TPOT: mean ms over whole eviction periods, eviction steps "
+            rf"included, in one interleaved speed run: {tex_escape(sp.get('execution'))}, batch 1, "
+            rf"{plural(threads, 'thread') if isinstance(threads, int) else '--'}) over the policy's; brackets: "
+            rf"95\,\% $t$-intervals across the {sp.get('rounds')} rounds.")
 
 
-def mixed_code_text(aggs) -> str:
-    """A sentence for a caption when some aggregate pooled cells of different code versions (allowed by
-    eval.allow_mixed_code; kvstream.study.verify), else ''."""
-    notes = [a["code_note"] for a in aggs if a and a.get("code_note")]
-    return "".join(rf" \textbf{{Mixed code:}} {tex_escape(n)}." for n in dict.fromkeys(notes))
+def reference_caption(agg: Mapping) -> str:
+    ref = agg["policies"].get(agg.get("reference") or "", {})
+    if not ref:
+        return ""
+    return (rf" Reference: {tex_escape(ref.get('label'))}, decode PPL {fmt(ref.get('decode_ppl'))}, "
+            rf"TPOT {fmt(ref.get('tpot_ms'), 1)}\,ms.")
 
 
-def _sorted_rows(agg: Mapping, key: str | None = None) -> list[dict]:
+def _sorted_rows(agg: Mapping, key: str | None = None, reference: bool = True) -> list[dict]:
     rows = [agg["policies"][p] for p in agg["policies_order"]]
-    if key is None:
-        return rows
-    ref = [r for r in rows if r.get("is_reference")]
+    ref = [r for r in rows if r.get("is_reference")] if reference else []
     rest = [r for r in rows if not r.get("is_reference")]
-
-    def k(r):
-        v = r.get(key)
-        return float("inf") if v is None else float(v)
-
-    return ref + sorted(rest, key=k)
+    if key is not None:
+        rest.sort(key=lambda r: float("inf") if r.get(key) is None else float(r[key]))
+    return ref + rest
 
 
 def table_main(agg: Mapping) -> str:
-    """One row per policy: speedup, TPOT, PPL and its increase, max. forward length, peak memory."""
+    """One row per policy, the reference first: speedup, TPOT, decode PPL, its increase and the all-target
+    increase, the longest measured forward (and peak memory where it says something)."""
+    memory = memory_column(agg)
     lines = [
-        r"\begin{tabular}{@{}lrrrrrrr@{}}",
+        r"\begin{tabular}{@{}lrrrrrr" + ("r" if memory else "") + "@{}}",
         r"\toprule",
-        r"Method & Speedup & TPOT (ms) & PPL & PPL inc.\ (\%) & Dec.\ PPL inc.\ (\%) & Max.\ $L$ & Peak mem.\ (MB) \\",
+        r"Method & Speedup & TPOT (ms) & Dec.\ PPL & Dec.\ inc.\ (\%) & All inc.\ (\%) & Max.\ $L$"
+        + (r" & Peak mem.\ (MB)" if memory else "") + r" \\",
         r"\midrule",
     ]
     for r in _sorted_rows(agg):
         ref = r.get("is_reference")
         lines.append(" & ".join([
-            tex_escape(r["label"]),
-            fmt(1.0) + r" (ref.)" if ref else fmt_ci(r, "speedup"),
+            tex_escape(r["label"]) + (" (reference)" if ref else ""),
+            fmt(1.0) if ref else fmt_ci(r, "speedup"),
             fmt_ci(r, "tpot_ms", 1),
-            fmt(r.get("ppl")),
-            fmt(0.0) + r" (ref.)" if ref else fmt_ci(r, "ppl_increase_percent", 2, signed=True),
-            fmt(0.0) + r" (ref.)" if ref else fmt_ci(r, "decode_ppl_increase_percent", 2, signed=True),
+            fmt_ci(r, "decode_ppl"),
+            fmt(0.0) if ref else fmt_ci(r, QUALITY, 2, signed=True),
+            fmt(0.0) if ref else fmt_ci(r, ALL_TARGETS, 2, signed=True),
             fmt(r.get("trace_max"), 0),
-            fmt(r.get("peak_memory_mb"), 0),
-        ]) + r" \\")
+        ] + ([fmt(r.get("peak_memory_mb"), 0)] if memory else [])) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
 
 def table_knobs(agg: Mapping, knobs: Sequence[str], sort_key: str | None = None) -> str:
-    """One row per policy with the given knobs in the first columns (a sink policy's values; another
-    kind of policy spans them with its label)."""
-    head = " & ".join(KNOB_TEX[k] for k in knobs)
-    cols = "l" * len(knobs)
+    """One row per evaluated policy (the reference is in the caption) with the given knobs first (a sink
+    policy's values; another kind spans them with its label); the budget C only where it varies."""
+    rows = _sorted_rows(agg, sort_key, reference=False)
+    budget = len({r.get("budget") for r in rows}) > 1
+    head = " & ".join(KNOB_TEX[k] for k in knobs) + (r" & $C$" if budget else "")
     lines = [
-        rf"\begin{{tabular}}{{@{{}}{cols}rrrrrrr@{{}}}}",
+        rf"\begin{{tabular}}{{@{{}}{'l' * len(knobs)}{'r' if budget else ''}rrrr@{{}}}}",
         r"\toprule",
-        rf"{head} & $C$ & Max.\ $L$ & Speedup & TPOT (ms) & PPL & PPL inc.\ (\%) & Dec.\ inc.\ (\%) \\",
+        rf"{head} & Max.\ $L$ & Speedup & Dec.\ inc.\ (\%) & All inc.\ (\%) \\",
         r"\midrule",
     ]
-    for r in _sorted_rows(agg, sort_key):
-        if r.get("is_reference"):
-            first = rf"\multicolumn{{{len(knobs) + 1}}}{{@{{}}l}}{{{tex_escape(r['label'])} (reference)}}"
-            lines.append(" & ".join([first, fmt(r.get("trace_max"), 0), fmt(1.0), fmt_ci(r, "tpot_ms", 1),
-                                     fmt(r.get("ppl")), fmt(0.0), fmt(0.0)]) + r" \\")
-            lines.append(r"\midrule")
-            continue
+    for r in rows:
         if r.get("type") != "sink":
             knobcells = [rf"\multicolumn{{{len(knobs)}}}{{@{{}}l}}{{{tex_escape(r['label'])}}}"]
         else:
             knobcells = [fmt_knob(r.get(k)) for k in knobs]
-        lines.append(" & ".join(knobcells + [
-            fmt(r.get("budget"), 0),
-            fmt(r.get("trace_max"), 0),
-            fmt_ci(r, "speedup"),
-            fmt_ci(r, "tpot_ms", 1),
-            fmt(r.get("ppl")),
-            fmt_ci(r, "ppl_increase_percent", 2, signed=True),
-            fmt_ci(r, "decode_ppl_increase_percent", 2, signed=True),
-        ]) + r" \\")
+        lines.append(" & ".join(knobcells + ([fmt(r.get("budget"), 0)] if budget else []) + [
+            fmt(r.get("trace_max"), 0), fmt_ci(r, "speedup"), fmt_ci(r, QUALITY, 2, signed=True),
+            fmt_ci(r, ALL_TARGETS, 2, signed=True)]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
@@ -132,195 +131,63 @@ def _fixed_knobs_text(agg: Mapping, vary: Sequence[str]) -> str:
         vals = {fmt_knob(r.get(k)) for r in rows}
         if len(vals) == 1:
             parts.append(f"{KNOB_TEX[k]}$\\,=\\,${vals.pop()}")
+    budgets = {r.get("budget") for r in rows}
+    if len(budgets) == 1 and None not in budgets:
+        parts.append(rf"$C={fmt(budgets.pop(), 0)}$")
     return ", ".join(parts)
-
-
-def memory_kind_words(agg: Mapping) -> str:
-    kinds = {r.get("memory_kind") for r in agg["policies"].values()}
-    if kinds == {"cuda_max_allocated"}:
-        return "CUDA max. allocated during decode"
-    if kinds == {"process_peak_rss"}:
-        return "process peak RSS (CPU run; includes the model and the Python process)"
-    return "/".join(sorted(str(k) for k in kinds))
 
 
 def experiment_table(agg: Mapping, experiment: str) -> str:
     """The complete `table` float for one experiment: an ablation shows slack and max-drop first, a sweep
     its knob (sorted by it), a zoo one block per peak length and R, any other role one row per policy."""
     kind = role(agg)
-    common = _caption_common(agg)
-    label = table_label(experiment)
-    if kind == "ablation":
-        knobs = ["cache_slack", "max_drop"] + [k for k in varying_knobs(agg) if k not in ("cache_slack", "max_drop")]
-        body = table_knobs(agg, knobs)
-        fixed = _fixed_knobs_text(agg, knobs)
-        title = rf"Slack/max-drop ablation (\texttt{{{tex_escape(experiment)}}}), {fixed}."
-        extra = (r" $C$: budget $S+W$; Max.\ $L$: largest measured forward length; Dec.\ inc.: PPL increase over "
-                 r"decode targets only; $\delta=\infty$: no cap.")
-    elif kind == "sweep":
-        knob = sweep_knob(agg) or "compress_every"
-        knobs = [knob] + [k for k in varying_knobs(agg) if k != knob and not (knob == "n_sink" and k == "window_size")]
-        body = table_knobs(agg, knobs, sort_key=knob)
-        fixed = _fixed_knobs_text(agg, knobs + (["window_size"] if knob == "n_sink" else []))
-        title = rf"Sweep of the {KNOB_WORDS.get(knob, knob)} (\texttt{{{tex_escape(experiment)}}}), {fixed}."
-        extra = r" $C$: budget $S+W$; Max.\ $L$: largest measured forward length; Dec.\ inc.: PPL increase over decode targets only."
+    common = quality_caption(agg) + " " + speed_caption(agg)
+    columns = r" Max.\ $L$: the largest number of tokens a decode forward attended over (measured)."
+    if kind in ("ablation", "sweep"):
+        if kind == "ablation":
+            knobs = ["cache_slack", "max_drop"] + [k for k in varying_knobs(agg) if k not in ("cache_slack", "max_drop")]
+            body = table_knobs(agg, knobs)
+            title = r"Slack/max-drop ablation"
+        else:
+            knob = sweep_knob(agg) or "compress_every"
+            knobs = [knob] + [k for k in varying_knobs(agg)
+                              if k != knob and not (knob == "n_sink" and k == "window_size")]
+            body = table_knobs(agg, knobs, sort_key=knob)
+            title = rf"Sweep of the {KNOB_WORDS.get(knob, knob)}"
+        fixed = _fixed_knobs_text(agg, knobs + (["window_size"] if "n_sink" in knobs[:1] else []))
+        title += (f", {fixed}." if fixed else ".") + (r" $\delta=\infty$: no cap." if "max_drop" in knobs else "")
+        extra = reference_caption(agg) + columns
     elif kind == "zoo":
-        body = zoo_table_body(agg)
-        title, extra = zoo_caption(agg, experiment)
-        extra += r" Peak memory: " + tex_escape(memory_kind_words(agg)) + "."
+        body = zoo_table_body(agg, memory=memory_column(agg))
+        title, extra = zoo_caption(agg)
+        if memory_column(agg):
+            extra += r" Peak memory: " + tex_escape(memory_kind_words(agg)) + "."
     else:
         body = table_main(agg)
-        title = (rf"Main results (\texttt{{{tex_escape(experiment)}}})." if kind == "main" else
-                 rf"Results of experiment \texttt{{{tex_escape(experiment)}}}.")
-        extra = (r" Dec.\ PPL inc.: the same over decode targets only (after the prefill targets, which every policy "
-                 r"scores alike). Max.\ $L$: the largest number of tokens a decode forward attended over (measured). "
-                 r"Peak memory: " + tex_escape(memory_kind_words(agg)) + ".")
+        title = _TITLES.get(kind, _TITLES["other"])
+        extra = columns + (r" Peak memory: " + tex_escape(memory_kind_words(agg)) + "." if memory_column(agg) else "")
     return "\n".join([
         r"\begin{table}",
         r"\centering\small",
-        rf"\caption{{{title} {common}{extra}}}",
-        rf"\label{{{label}}}",
-        _RESIZE,
+        rf"\caption{{{title} {common}{extra}{mixed_code_text([agg])}}}",
+        rf"\label{{{table_label(experiment)}}}",
+        RESIZE,
         body + "}",
         r"\end{table}",
         "",
     ])
 
 
-def _published_policy(row: Mapping, main: Mapping | None, paper: PaperPolicies) -> dict:
-    """Our row for one of the original's main rows: the reference, or the policy with that paper stem."""
-    if not main:
-        return {}
-    if row.get("reference"):
-        return main["policies"].get(main.get("reference"), {})
-    pol = next((p for p in main["policies_order"] if row.get("stem") and paper.stems.get(p) == row["stem"]), None)
-    return main["policies"].get(pol, {}) if pol else {}
-
-
-def reproduction_table(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> str:
-    """Our numbers (the main and ablation experiments) beside the original study's published ones."""
-    main, abl = first_with_role(aggs, "main"), first_with_role(aggs, "ablation")
-    paper = PaperPolicies.from_config(config)
-    lines = [
-        r"\begin{table}",
-        r"\centering\small",
-        r"\caption{Reproduction: the original study's \emph{published} numbers (``orig.'', " + published.setup_text()
-        + r"; copied from its report) beside ours (``ours'', this run: "
-        + (tex_escape((main or abl or {}).get("model")) if (main or abl) else "--")
-        + r", see Table~\ref{tab:setup}). Model, data, scale and hardware differ, so only directions "
-        r"and orders of magnitude are comparable; memory in particular measures different things."
-        + mixed_code_text([main, abl]) + "}",
-        r"\label{tab:reproduction}",
-        _RESIZE,
-        r"\begin{tabular}{@{}lrrrrrrrr@{}}",
-        r"\toprule",
-        r" & \multicolumn{2}{c}{Speedup} & \multicolumn{2}{c}{TPOT (ms)} & \multicolumn{2}{c}{PPL inc.\ (\%)}"
-        r" & \multicolumn{2}{c}{Peak mem.\ (MB)} \\",
-        r"\cmidrule(lr){2-3}\cmidrule(lr){4-5}\cmidrule(lr){6-7}\cmidrule(l){8-9}",
-        r"Method & orig. & ours & orig. & ours & orig. & ours & orig. & ours \\",
-        r"\midrule",
-    ]
-    for o in published.main_rows():
-        r = _published_policy(o, main, paper)
-        ours = r.get("label")
-        differs = bool(r) and any(r.get(k) != v for k, v in (o.get("params") or {}).items())
-        shown = tex_escape(o["label"]) + (rf" {{\scriptsize(ours: {tex_escape(ours)})}}" if differs and ours else "")
-        lines.append(" & ".join([
-            shown, fmt(o["speedup"]), fmt(r.get("speedup")), fmt(o["tpot_ms"], 1), fmt(r.get("tpot_ms"), 1),
-            fmt(o["ppl_increase_percent"], 2, signed=True), fmt(r.get("ppl_increase_percent"), 2, signed=True),
-            fmt(o["peak_memory_mb"], 0), fmt(r.get("peak_memory_mb"), 0)]) + r" \\")
-    lines.append(r"\midrule")
-    lines.append(r"\multicolumn{9}{@{}l}{\emph{Ablation at $R=32$, $S=32$} ($\sigma$, $\delta$)} \\")
-    for o in published.ablation_rows():
-        sigma, delta = o["cache_slack"], o["max_drop"]
-        r = ablation_cell(abl, sigma, delta) or ablation_corner(abl, sigma > 0, delta is not None) or {}
-        shown = rf"$\sigma={sigma}$, $\delta=" + (r"\infty" if delta is None else str(delta)) + "$"
-        if r and (r.get("cache_slack") != sigma or r.get("max_drop") != delta):
-            shown += (rf" {{\scriptsize(ours: $\sigma={fmt_knob(r.get('cache_slack'))}$, "
-                      rf"$\delta={fmt_knob(r.get('max_drop')).strip('$')}$)}}")
-        lines.append(" & ".join([
-            shown,
-            fmt(o["speedup"]), fmt(r.get("speedup")), fmt(o["tpot_ms"], 1), fmt(r.get("tpot_ms"), 1),
-            fmt(o["ppl_increase_percent"], 2, signed=True), fmt(r.get("ppl_increase_percent"), 2, signed=True),
-            "--", "--"]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}", ""]
-    return "\n".join(lines)
-
-
-def merged_provenance(aggs: Mapping[str, Mapping]) -> dict:
-    """Every distinct provenance value over all experiments, their models and bootstrap sizes."""
-    out: dict[str, list] = {}
-    n_boot = set()
-    for agg in aggs.values():
-        for k, vals in (agg.get("provenance") or {}).items():
-            if isinstance(vals, list):
-                for v in vals:
-                    if v not in out.setdefault(k, []):
-                        out[k].append(v)
-        if agg.get("n_boot"):
-            n_boot.add(agg["n_boot"])
-        if agg.get("model") and agg["model"] not in out.setdefault("model_label", []):
-            out["model_label"].append(agg["model"])
-    res: dict[str, Any] = dict(out)
-    res["n_boot"] = ", ".join(str(x) for x in sorted(n_boot)) if n_boot else "--"
-    return res
-
-
-def setup_table(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> str:
-    prov = merged_provenance(aggs)
-    config = config or {}
-    ev = config.get("eval", {})
-    model = config.get("model", {})
-    datasets = config.get("datasets", {})
-
-    def j(vals):
-        return tex_escape(", ".join(str(v) for v in vals)) if vals else "--"
-
-    rows = [
-        ("Model", j(prov.get("model_label") or [model.get("name")])),
-        ("Model source", j([model.get("source")]) if model.get("source") else "--"),
-        ("Datasets", j([f"{k} ({v.get('source', k)}): {v.get('n_samples')} samples x "
-                        f"{v.get('tokens_per_sample')} tokens" for k, v in datasets.items()])),
-        ("Tokens per sample (measured)", j(prov.get("n_tokens"))),
-        ("Cap (recompute window)", j([ev.get("cap")]) if ev.get("cap") is not None else "--"),
-        ("Positions", j([ev.get("positions")]) if ev.get("positions") else "--"),
-        ("Warm-up decode steps", j([ev.get("warmup")]) if ev.get("warmup") is not None else "--"),
-        ("dtype", j([str(d).replace("torch.", "") for d in prov.get("dtype") or []])),
-        ("Device", j(prov.get("device_name") or prov.get("device"))),
-        ("CPU cores visible", j(prov.get("cpu_count"))),
-        ("Torch threads per job", j(prov.get("threads"))),
-        ("torch / transformers / Python", j(["/".join([", ".join(map(str, prov.get("torch") or ["?"])),
-                                                     ", ".join(map(str, prov.get("transformers") or ["?"])),
-                                                     ", ".join(map(str, prov.get("python") or ["?"]))])])),
-        ("Code commit", j([c[:12] for c in prov.get("git_commit") or []]) +
-         (r" (uncommitted changes)" if True in (prov.get("git_dirty") or []) else "")),
-        ("Code version of the cells", j(sorted({v for a in aggs.values() for v in a.get("code_versions") or []}))),
-        ("Bootstrap", f"{int(CI_LEVEL * 100)}\\,\\% percentile, {prov.get('n_boot', '--')} resamples over samples"),
-    ]
-    lines = [
-        r"\begin{table}",
-        r"\centering\small",
-        r"\caption{Setup, read from the provenance recorded in every result cell and from the run's configuration."
-        + mixed_code_text(aggs.values()) + "}",
-        r"\label{tab:setup}",
-        r"\begin{tabular}{@{}ll@{}}",
-        r"\toprule",
-    ]
-    lines += [rf"{a} & {b} \\" for a, b in rows]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(lines)
-
-
 def write_tables(aggs: Mapping[str, Mapping], out_dir: str | os.PathLike, config: Mapping | None = None) -> list[Path]:
-    """{experiment}.tex for every experiment, reproduction.tex and setup.tex."""
+    """{experiment}.tex for every experiment, presets.tex, reproduction.tex and setup.tex."""
     out_dir = Path(out_dir)
     written = []
     for exp, agg in aggs.items():
         p = out_dir / f"{exp}.tex"
         write_text(p, experiment_table(agg, exp))
         written.append(p)
-    for name, text in (("reproduction", reproduction_table(aggs, config)), ("setup", setup_table(aggs, config))):
+    for name, make in (("presets", presets_table), ("reproduction", reproduction_table), ("setup", setup_table)):
         p = out_dir / f"{name}.tex"
-        write_text(p, text)
+        write_text(p, make(aggs, config))
         written.append(p)
     return written

@@ -1,9 +1,10 @@
 """The policy zoo's figures (rows from `zoo`; docs/method.md, "Score-based kinds"), PDF + PNG:
 
-- `zoo_ppl`: the decode PPL increase against the peak length, one colour per kind, R as marker and line
-  style, 95 % bootstrap intervals over samples as bars (with one peak length: points);
-- `zoo_speed`: time per token (TPOT, from the speed run) against R, one colour per kind, one panel per
-  peak length, 95 % t-intervals across the speed run's rounds as bars; the reference's TPOT in the title.
+- `zoo_ppl`: the decode PPL increase against the peak length, one colour and marker per kind, R as line style
+  and fill, 95 % bootstrap intervals over samples as bars (with one peak length: points);
+- `zoo_speed`: time per token (TPOT, from the speed run) against R, one colour, marker and line style per kind,
+  one panel per peak length, 95 % t-intervals across the speed run's rounds as bars; the reference's TPOT in the
+  title.
 """
 
 from __future__ import annotations
@@ -14,20 +15,23 @@ from typing import Mapping
 import numpy as np
 
 from kvstream.study.latex import finite, fmt_knob
-from kvstream.study.plotting import COLORS, FIGSIZE, errorbars, pyplot, save
+from kvstream.study.plotting import FIGSIZE, errorbars, pyplot, save, series
 from kvstream.study.roles import KIND_NAMES
 from kvstream.study.zoo import KIND_ORDER, METRIC, peak, zoo_rows
 
 ZOO_FIGURES = ("zoo_ppl", "zoo_speed")
-R_STYLES = (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"))
+R_LINES = ("-", "--", ":", "-.")  # line style by R
 
-
-# one colour per kind; the random control in black
-KIND_COLORS = dict(zip(KIND_ORDER, [COLORS[i] for i in (0, 1, 2, 3, 4, 7)]))
+# one colour and marker per kind (plotting.SERIES: no two alike, in colour or in grey)
+KIND_STYLES = {kind: series(i) for i, kind in enumerate(KIND_ORDER)}
 
 
 def _color(kind: str) -> str:
-    return KIND_COLORS.get(kind, COLORS[5])
+    return KIND_STYLES.get(kind, series(len(KIND_ORDER)))[0]
+
+
+def _marker(kind: str) -> str:
+    return KIND_STYLES.get(kind, series(len(KIND_ORDER)))[1]
 
 
 def _kinds(rows) -> list[str]:
@@ -39,12 +43,14 @@ def _r_values(rows) -> list:
 
 
 def _legend(ax, kinds, r_values) -> None:
-    """Colour: the kind; marker and line style: R (one legend right of the axes, kinds first)."""
+    """Colour and marker: the kind; line style and fill (open past the first R, readable without lines): R.
+    One legend right of the axes, kinds first."""
     from matplotlib.lines import Line2D
 
-    kh = [Line2D([], [], color=_color(k), lw=1.2, label=KIND_NAMES.get(k, k)) for k in kinds]
-    rh = [Line2D([], [], color="0.3", marker=R_STYLES[i % len(R_STYLES)][0], ls=R_STYLES[i % len(R_STYLES)][1],
-                 ms=3.5, lw=0.9, label=f"R={fmt_knob(v)}") for i, v in enumerate(r_values)]
+    kh = [Line2D([], [], color=_color(k), marker=_marker(k), ms=3.5, lw=1.2, label=KIND_NAMES.get(k, k))
+          for k in kinds]
+    rh = [Line2D([], [], color="0.3", ls=R_LINES[i % len(R_LINES)], lw=0.9, marker="o", ms=3.5,
+                 mfc="0.3" if i == 0 else "white", label=f"R={fmt_knob(v)}") for i, v in enumerate(r_values)]
     ax.legend(handles=kh + rh, frameon=False, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
@@ -71,8 +77,9 @@ def ppl_against_peak(agg: Mapping, out_dir, extra_dirs=(), name: str = "zoo_ppl"
             shift = 1 + 0.006 * (ki * len(r_values) + ri - (n_series - 1) / 2)
             x = np.array([peak(r) for r in sel], dtype=float) * shift
             y, yerr = errorbars(sel, METRIC)
-            marker, ls = R_STYLES[ri % len(R_STYLES)]
-            ax.errorbar(x, y, yerr=yerr, marker=marker, ls=ls if len(sel) > 1 else "none", ms=3.5, lw=0.9,
+            ls = R_LINES[ri % len(R_LINES)]
+            ax.errorbar(x, y, yerr=yerr, marker=_marker(kind), ls=ls if len(sel) > 1 else "none", ms=3.5, lw=0.9,
+                        mfc=_color(kind) if ri == 0 else "white",
                         color=_color(kind), ecolor=_color(kind), elinewidth=0.6, capsize=1.5)
     ax.axhline(0, color="0.6", lw=0.6, ls=":")
     if len(peaks) > 1 and peaks[-1] / peaks[0] >= 4:
@@ -111,7 +118,8 @@ def speed_against_r(agg: Mapping, out_dir, extra_dirs=(), name: str = "zoo_speed
                 continue
             x = np.array([xpos[r["compress_every"]] for r in sel], dtype=float) + 0.05 * (ki - (len(kinds) - 1) / 2)
             y, yerr = errorbars(sel, "tpot_ms")
-            ax.errorbar(x, y, yerr=yerr, marker="o", ls="-" if len(sel) > 1 else "none", ms=3.5, lw=0.9,
+            ax.errorbar(x, y, yerr=yerr, marker=_marker(kind), ls=KIND_STYLES[kind][2] if len(sel) > 1 else "none",
+                        ms=3.5, lw=0.9,
                         color=_color(kind), ecolor=_color(kind), elinewidth=0.6, capsize=1.5,
                         label=KIND_NAMES.get(kind, kind))
         ax.set_xticks(range(len(r_values)))
