@@ -35,6 +35,11 @@ if HAVE_BENCH:
     include: "workflow/rules/bench.smk"
 
 
+if HAVE_REPORT:  # retrieval's report and paper files extend report.smk's lists
+
+    include: "workflow/rules/retrieval.smk"
+
+
 if HAVE_PAPER:
 
     include: "workflow/rules/paper.smk"

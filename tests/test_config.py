@@ -253,7 +253,7 @@ def test_roles_not_names_decide_the_papers_experiments():
     assert p.experiment_role("other") == "other" and p.experiment_knob("other") is None
     assert p.nll_policies() == ["recompute", "window", "mit_streaming"]  # paper.baseline
     assert plan(**{"experiments": renamed, "paper.baseline": "ours_softlite"}).nll_policies()[-1] == "ours_softlite"
-    assert p.experiment_labels("abl") == {"recompute": "Full recomputation", "ours_softlite": "Ours (Softlite)"}
+    assert p.experiment_labels("abl") == {"recompute": "Full recomputation", "ours_softlite": "Lazy (Softlite)"}
     assert p.trace_cells()[0] == "results/cells/smollm2-135m/kjv/mit_streaming/s0.json"
     assert {"paper", "experiments", "title", "eval"} <= set(p.paper_config())
     # without role main the first experiment is the main one; without a baseline, the first sink policy
@@ -267,7 +267,7 @@ def test_paths_and_batches():
     p = plan(**{"eval.batch_size": 3})
     assert p.cell_path("kjv", "window", "s2") == p.cell_path("kjv", "window", 2) == "results/cells/smollm2-135m/kjv/window/s2.json"
     assert p.nll_paths([p.cell_path("kjv", "window", 0)]) == ["results/cells/smollm2-135m/kjv/window/s0.nll.npy"]
-    assert p.sample_batches("kjv") == [[0, 1, 2], [3]]
+    assert p.sample_batches("kjv") == [[0, 1, 2], [3, 4, 5], [6, 7]]  # 8 samples in batches of 3
     cells = p.used_cells()
     assert len(cells) == len(set(cells)) == sum(
         DEFAULT["datasets"][d]["n_samples"] * len(p.dataset_policies(d)) for d in DEFAULT["datasets"])

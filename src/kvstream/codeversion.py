@@ -23,6 +23,7 @@ from pathlib import Path
 PACKAGE = "kvstream"
 CELL_ENTRY = "kvstream.cli.eval"  # what computes a cell
 SPEED_ENTRY = "kvstream.cli.speed"  # what computes a speed run
+RETRIEVAL_ENTRY = "kvstream.cli.retrieval"  # what computes a retrieval result
 # Imported by those commands but never part of a number: error classes, atomic writes and hashing, and the
 # provenance record (where a number came from). A change there reruns nothing.
 NOT_NUMBERS = frozenset({"kvstream.errors", "kvstream.io", "kvstream.provenance"})

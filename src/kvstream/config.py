@@ -1,7 +1,7 @@
 """The config check, torch-free: `check_config` merges the chosen `scale`, validates against the schema
 (workflow/schemas/config.schema.yaml), fills in its defaults and checks what a schema cannot say (every
 policy through `kvstream.schedule.Policy`, knobs a kind does not use, experiments, sample lengths, the
-paper block). The first bad field stops the run with a ConfigError naming it, before any job runs."""
+paper block, the retrieval grid). The first bad field stops the run with a ConfigError naming it, before any job runs."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def check_config(cfg: dict, schema: dict) -> dict:
     _check_experiments(cfg)
     _check_samples(cfg)
     _check_paper(cfg)
+    _check_retrieval(cfg)
     return cfg
 
 
@@ -172,3 +173,36 @@ def _check_paper(cfg: dict) -> None:
     for field, name in named:
         if name not in policies:
             raise ConfigError(field, f"unknown policy '{name}' (policies: {', '.join(policies)})")
+
+
+def _check_retrieval(cfg: dict) -> None:
+    """The retrieval grid (`kvstream retrieval`, workflow/rules/retrieval.smk): known policies, depths in
+    [0, 1], a needle dataset that exists, and every length long enough for each evicting policy (its prefill,
+    a decode step and its largest forward: kvstream.cells.check_sample_length). Dense and recompute take a
+    prompt no longer than their cap in one prefill, which computes the same attention."""
+    r = cfg["retrieval"]
+    if not r["enabled"]:
+        return
+    for i, name in enumerate(r["policies"]):
+        if name not in cfg["policies"]:
+            raise ConfigError(f"retrieval.policies[{i}]", f"unknown policy '{name}' (policies: {', '.join(cfg['policies'])})")
+    for i, depth in enumerate(r["depths"]):
+        if not 0 <= depth <= 1:
+            raise ConfigError(f"retrieval.depths[{i}]", f"{depth} is outside [0, 1] (0: the needle right after the "
+                              "instruction, 1: right before the question)")
+    if "needle" in r["tasks"]:
+        dataset = r.get("needle_dataset")
+        if dataset is None:
+            raise ConfigError("retrieval.needle_dataset", "missing: the needle task takes its filler from a dataset's "
+                              f"documents (datasets: {', '.join(cfg['datasets'])})")
+        if dataset not in cfg["datasets"]:
+            raise ConfigError("retrieval.needle_dataset", f"unknown dataset '{dataset}' (datasets: {', '.join(cfg['datasets'])})")
+    for name in r["policies"]:
+        policy = Policy.from_dict(policy_fields_from_config(cfg["policies"][name], cfg["eval"]))
+        if not policy.evicts:
+            continue
+        for i, n in enumerate(r["lengths"]):
+            try:
+                check_sample_length(policy, n)
+            except KVStreamError as exc:
+                raise ConfigError(f"retrieval.lengths[{i}]", f"policy {name}: {exc}") from None

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from kvstream.cells import nll_path
-from kvstream.codeversion import CELL_ENTRY, SPEED_ENTRY, code_version
+from kvstream.codeversion import CELL_ENTRY, RETRIEVAL_ENTRY, SPEED_ENTRY, code_version
 from kvstream.config import policy_fields_from_config
 from kvstream.schedule import DERIVED_KEYS, Policy, cache_lengths
 
@@ -238,6 +238,51 @@ class Plan:
         if gpu and self.use_cuda:
             res["gpu"] = 1
         return res
+
+    # --- retrieval (config `retrieval`, workflow/rules/retrieval.smk) ----------------------------
+    @property
+    def retrieval_enabled(self) -> bool:
+        return bool(self.config["retrieval"]["enabled"])
+
+    @property
+    def retrieval_tasks(self) -> list[str]:
+        return list(self.config["retrieval"]["tasks"]) if self.retrieval_enabled else []
+
+    @property
+    def retrieval_policies(self) -> list[str]:
+        return list(self.config["retrieval"]["policies"]) if self.retrieval_enabled else []
+
+    def retrieval_path(self, task: str, policy: str, model: str | None = None) -> str:
+        return f"results/retrieval/{model or self.model}/{task}/{policy}.json"
+
+    def retrieval_results(self) -> list[str]:
+        """Every retrieval job's JSON: task-major, then policy (config order)."""
+        return [self.retrieval_path(t, p) for t in self.retrieval_tasks for p in self.retrieval_policies]
+
+    def retrieval_documents(self, task: str) -> list[str]:
+        """The needle task's filler (the needle dataset's documents.jsonl, rule fetch_text); none for passkey."""
+        return [f"results/data/{self.config['retrieval']['needle_dataset']}/documents.jsonl"] if task == "needle" else []
+
+    def retrieval_grid_args(self) -> str:
+        """`kvstream retrieval`'s grid arguments, shared by every job (a change reruns them all)."""
+        r = self.config["retrieval"]
+        args = ["--lengths", *map(str, r["lengths"]), "--depths", *map(str, r["depths"]),
+                "--prompts-per-cell", str(r["prompts_per_cell"])]
+        return shlex.join(args + (["--max-batch", str(r["max_batch"])] if r.get("max_batch") else []))
+
+    def retrieval_policy_blocks(self) -> dict[str, dict]:
+        """policy -> the policy block its results must carry (kvstream.study.retrieval checks them)."""
+        return {p: self.policy(p).as_dict() for p in self.retrieval_policies}
+
+    def retrieval_labels(self) -> dict[str, str]:
+        """Display names (config paper.labels) of the retrieval policies that have one."""
+        labels = self.config["paper"]["labels"]
+        return {p: labels[p] for p in self.retrieval_policies if p in labels}
+
+    @functools.cached_property
+    def retrieval_code_version(self) -> str:
+        """The code version of `kvstream retrieval` (kvstream.codeversion): a retrieval job's param and label."""
+        return code_version(RETRIEVAL_ENTRY)
 
     # --- the paper's roles (config experiments.<name>.role, paper) ------------------------------
     @property

@@ -59,6 +59,7 @@ def _check(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     import transformers
 
+    from kvstream.codeversion import RETRIEVAL_ENTRY, code_version
     from kvstream.io import sha256_file, write_json
     from kvstream.models import load_model, resolve_device, resolve_dtype
     from kvstream.provenance import device_name, git_state, now
@@ -92,7 +93,8 @@ def main(args: argparse.Namespace) -> int:
         "summary": summarize(results),
         "prompts": [r.as_dict() for r in results],
         "provenance": {
-            "git_commit": commit, "git_dirty": dirty, "torch": torch.__version__,
+            "git_commit": commit, "git_dirty": dirty, "code_version": code_version(RETRIEVAL_ENTRY),
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "device": device.type, "device_name": device_name(device),
             "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "config_hash": hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16],
