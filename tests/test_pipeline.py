@@ -189,8 +189,16 @@ def test_whole_dag_on_tiny_config(tmp_path):
         assert (workdir / pdf).read_bytes().startswith(b"%PDF")
     text = _pdf_text(workdir / "paper/neurips_2025_compressed.pdf")
     table1 = {r["policy"]: r for r in _read_csv(workdir / f"results/aggregate/{model}/table1.csv")}
-    for policy in ("recompute", "ours_best"):
-        assert f"{float(table1[policy]['ppl']):.2f}" in text, policy
+    for policy in ("recompute", "ours_best"):  # decode-target PPL: the paper's primary quality figure
+        assert f"{float(table1[policy]['decode_ppl']):.2f}" in text, policy
+    # retrieval (config retrieval): one result per (task, policy), the summary, the paper's table
+    for task in cfg["retrieval"]["tasks"]:
+        for policy in cfg["retrieval"]["policies"]:
+            result = json.loads((workdir / f"results/retrieval/{model}/{task}/{policy}.json").read_text())
+            assert len(result["prompts"]) == len(cfg["retrieval"]["lengths"]) * len(cfg["retrieval"]["depths"]) \
+                * cfg["retrieval"]["prompts_per_cell"]
+    assert (workdir / f"results/retrieval/{model}/summary.csv").stat().st_size > 0
+    assert "Retrieval" in text and (workdir / "paper/generated/tables/retrieval.tex").exists()
 
     # nothing left to do; `snakemake --report` gives an HTML report with the figures
     proc = snakemake(workdir, "--configfile", TINY, "--dry-run", "--cores", "1")
