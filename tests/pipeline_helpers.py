@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -89,3 +90,19 @@ def edited(cfg: dict, **changes) -> dict:
 
 _DELETE = object()
 DELETE = _DELETE
+
+
+def fake_complete(workdir: Path, configfile: str) -> None:
+    """Every output of the config's DAG, empty (the paper's stamp written as its rule writes it), then their
+    metadata recorded with --touch: a checkout where the whole run is done."""
+    proc = snakemake(workdir, "--configfile", configfile, "--dry-run", "--cores", "1")
+    model = load_config(workdir / configfile)["model"]["name"]
+    for _, outputs in planned_jobs(proc.stdout):
+        for out in outputs:
+            path = workdir / out
+            if path.suffix:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"model": model}) if out == "paper/generated/owner.json" else "")
+            else:  # a directory output (the prepared model)
+                path.mkdir(parents=True, exist_ok=True)
+    snakemake(workdir, "--configfile", configfile, "--touch", "--forceall", "--cores", "1")

@@ -19,7 +19,7 @@ from kvstream.errors import KVStreamError
 from kvstream.pipeline import Plan
 from kvstream.study import retrieval
 from kvstream.study.retrieval_figures import retrieval_heatmap
-from pipeline_helpers import DELETE, REPO, copy_repo, edited, load_config, planned_jobs, snakemake, write_config
+from pipeline_helpers import DELETE, REPO, copy_repo, fake_complete, edited, load_config, planned_jobs, snakemake, write_config
 
 SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 DEFAULT = load_config(REPO / "config.yaml")
@@ -252,25 +252,10 @@ def test_stale_or_mixed_results_are_refused(results, tmp_path):
 # the DAG
 
 
-def _fake_complete(workdir: Path, configfile: str = TINY) -> None:
-    """Every output of the config's DAG, empty (the paper's stamp as its rule writes it), then --touch."""
-    proc = snakemake(workdir, "--configfile", configfile, "--dry-run", "--cores", "1")
-    model = load_config(workdir / configfile)["model"]["name"]
-    for _, outputs in planned_jobs(proc.stdout):
-        for out in outputs:
-            path = workdir / out
-            if path.suffix:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"model": model}) if out == "paper/generated/owner.json" else "")
-            else:
-                path.mkdir(parents=True, exist_ok=True)
-    snakemake(workdir, "--configfile", configfile, "--touch", "--forceall", "--cores", "1")
-
-
 @pytest.fixture(scope="module")
 def completed(tmp_path_factory):
     workdir = copy_repo(tmp_path_factory.mktemp("retrieval"))
-    _fake_complete(workdir)
+    fake_complete(workdir, TINY)
     assert "Nothing to be done" in snakemake(workdir, "--configfile", TINY, "--dry-run", "--cores", "1").stdout
     return workdir
 

@@ -25,7 +25,7 @@ from kvstream.pipeline import Plan
 from kvstream.study import aggregate as study_aggregate
 from kvstream.study import tables
 from kvstream.study.verify import CELL_POLICY_KEYS
-from pipeline_helpers import REPO, copy_repo, load_config, planned_jobs, snakemake
+from pipeline_helpers import REPO, copy_repo, fake_complete, load_config, planned_jobs, snakemake
 from test_report import aggregate, make_experiment
 
 TINY = "config/tiny.yaml"
@@ -55,26 +55,10 @@ def test_code_version_changes_with_the_code_not_with_comments_or_docstrings(tmp_
     assert code_version(SPEED_ENTRY, pkg) != code_version(CELL_ENTRY, pkg)
 
 
-def _fake_complete(workdir: Path, configfile: str = TINY) -> None:
-    """Every output of the config's DAG, empty (the paper's stamp written as its rule writes it), then their
-    metadata recorded with --touch: a checkout where the whole run is done."""
-    proc = snakemake(workdir, "--configfile", configfile, "--dry-run", "--cores", "1")
-    model = load_config(workdir / configfile)["model"]["name"]
-    for _, outputs in planned_jobs(proc.stdout):
-        for out in outputs:
-            path = workdir / out
-            if path.suffix:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"model": model}) if out == "paper/generated/owner.json" else "")
-            else:  # a directory output (the prepared model)
-                path.mkdir(parents=True, exist_ok=True)
-    snakemake(workdir, "--configfile", configfile, "--touch", "--forceall", "--cores", "1")
-
-
 @pytest.fixture(scope="module")
 def completed(tmp_path_factory):
     workdir = copy_repo(tmp_path_factory.mktemp("trust"))
-    _fake_complete(workdir)
+    fake_complete(workdir, TINY)
     assert "Nothing to be done" in snakemake(workdir, "--configfile", TINY, "--dry-run", "--cores", "1").stdout
     return workdir
 
