@@ -38,6 +38,10 @@ if HAVE_BENCH:
 if HAVE_REPORT:  # retrieval's report and paper files extend report.smk's lists
 
     include: "workflow/rules/retrieval.smk"
+    include: "workflow/rules/defects.smk"
+    include: "workflow/rules/longstream.smk"
+    include: "workflow/rules/factorial.smk"
+    include: "workflow/rules/kvpress.smk"
 
 
 if HAVE_PAPER:
