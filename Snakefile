@@ -38,6 +38,10 @@ if HAVE_BENCH:
 if HAVE_REPORT:  # retrieval's report and paper files extend report.smk's lists
 
     include: "workflow/rules/retrieval.smk"
+    include: "workflow/rules/defects.smk"
+    include: "workflow/rules/longstream.smk"
+    include: "workflow/rules/factorial.smk"
+    include: "workflow/rules/kvpress.smk"
 
 
 if HAVE_PAPER:
@@ -49,12 +53,15 @@ PAPER_PDFS = ["paper/neurips_2025_compressed.pdf", "paper/neurips_2025.pdf"] if 
 
 
 # Every cell, what the rule files add to ALL_TARGETS (each experiment's aggregates, tables, figures,
-# speed runs, the benchmark), the PDFs.
+# speed runs, the benchmark), the PDFs. The owner check sits here too: Snakemake treats an existing file whose
+# producing job fails to build as a source file, so when another model's paper/ is complete the check on
+# the stamp's rule alone would never be reached and jobs without that stamp could still write there.
 rule all:
     default_target: True
     input:
         ALL_TARGETS,
         PAPER_PDFS,
+        paper_owner_checked,
 
 
 # This config's own outputs, all under results/ and keyed by its model: cells, speed runs, aggregates, figures,

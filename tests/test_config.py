@@ -20,6 +20,8 @@ from pipeline_helpers import DELETE, REPO, edited, load_config, planned_jobs, sn
 DEFAULT = load_config(REPO / "config.yaml")
 SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 SHIPPED = ["config.yaml", "config/tiny.yaml", "config/paper.yaml"]
+# a sweep over R without its knob (the default run has no sweeps: they are in config/extended.yaml)
+R_SWEEP = {"role": "sweep", "dataset": "kjv", "reference": "recompute", "policies": ["recompute", "ours_softlite", "ours_best"]}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +157,7 @@ def plan(cfg: dict = DEFAULT, **changes) -> Plan:
 def test_shipped_configs_pass_and_get_the_schema_defaults(path):
     cfg = checked(load_config(REPO / path))
     for e in cfg["experiments"].values():
-        assert e["reference"] == "recompute" and e["role"] in ("main", "ablation", "sweep", "peak_matched", "sanity", "zoo")
+        assert e["reference"] == "recompute" and e["role"] in ("main", "ablation", "sweep", "peak_matched", "sanity", "zoo", "factorial", "defects", "longstream")
         assert (e["role"] == "sweep") == ("knob" in e)
     assert cfg["speed"]["rounds"] >= 2 and cfg["eval"]["positions"] == "relative"
     assert cfg["paper"]["baseline"] == "mit_streaming"
@@ -171,8 +173,8 @@ def test_shipped_configs_pass_and_get_the_schema_defaults(path):
     "changes, message",
     [
         ({"scale": "huge"}, "config error: scale: 'huge' is not one of the config's scales"),
-        ({"experiments.sweep_max_drop.knob": DELETE}, "config error: experiments.sweep_max_drop.knob: missing"),
-        ({"experiments.sweep_max_drop.knob": "delta"}, "config error: experiments.sweep_max_drop.knob: 'delta' is not one of"),
+        ({"experiments.r_sweep": R_SWEEP}, "config error: experiments.r_sweep.knob: missing"),
+        ({"experiments.r_sweep": dict(R_SWEEP, knob="delta")}, "config error: experiments.r_sweep.knob: 'delta' is not one of"),
         ({"experiments.table2.role": "main"}, "config error: experiments.table2.role: experiments.table1 is already the main"),
         ({"experiments.table2.role": "appendix"}, "config error: experiments.table2.role: 'appendix' is not one of"),
         ({"paper.baseline": "streaming_llm"}, "config error: paper.baseline: unknown policy 'streaming_llm'"),
@@ -245,7 +247,7 @@ def test_identical_schedules_reuse_the_first_policys_cells():
 
 def test_roles_not_names_decide_the_papers_experiments():
     renamed = {"main_table": dict(DEFAULT["experiments"]["table1"]), "abl": dict(DEFAULT["experiments"]["table2"]),
-               "r_sweep": dict(DEFAULT["experiments"]["sweep_compress_every"]),
+               "r_sweep": dict(R_SWEEP, knob="compress_every"),
                "other": {"dataset": "kjv", "policies": ["recompute", "window"]}}
     p = plan(**{"experiments": renamed})
     assert p.main_experiment == "main_table" and p.reproduction_experiments == ["main_table", "abl"]

@@ -12,6 +12,8 @@ from kvstream.cli import main as cli_main
 from kvstream.evaluate import nll_path, run_cell
 from kvstream.schedule import Policy, cache_lengths
 
+from cli_helpers import eval_argv
+
 N = 160
 
 
@@ -43,10 +45,6 @@ def run(argv):
         cli_main(argv)
     return exc.value.code
 
-
-def eval_args(model_dir, tokens_file, out, *policy):
-    return ["eval", "--model", str(model_dir), "--tokens", str(tokens_file), "--threads", "1", "--warmup", "2",
-            "--out", str(out), *policy]
 
 
 def direct_nll(model, ids, cap):
@@ -96,7 +94,7 @@ def test_cell_json_trace_and_nll_file(model_dir, tokens_file, tmp_path, policy):
     if p.cap is not None:
         knobs += ["--cap", str(p.cap)]
     out = tmp_path / "cell.json"
-    assert run(eval_args(model_dir, tokens_file, out, *knobs, "--label", "policy=x", "--label", "sample=s0")) == 0
+    assert run(eval_argv(model_dir, tokens_file, out, *knobs, "--label", "policy=x", "--label", "sample=s0")) == 0
     record = json.loads(out.read_text())
     nll = np.load(nll_path(out))
     assert nll.dtype == np.float32 and nll.shape == (N - 1,)
@@ -163,7 +161,7 @@ def test_cli_batch_writes_one_cell_per_sample(model_dir, tokens_file, tmp_path):
         assert record["cell"] == {"policy": "p", "sample": f"s{i}"} and record["timing"]["batch_size"] == 2
         assert record["provenance"]["tokens_file"] == str(toks)
         single = tmp_path / f"single{i}.json"
-        assert run(eval_args(model_dir, toks, single, *policy)) == 0
+        assert run(eval_argv(model_dir, toks, single, *policy)) == 0
         assert np.abs(np.load(nll_path(out)) - np.load(nll_path(single))).max() <= 1e-4
     # mismatched counts and a per-cell sample label are refused before any model work
     assert run(argv[:-4] + ["--label", "sample=s0"]) == 2
@@ -174,7 +172,7 @@ def test_cli_batch_writes_one_cell_per_sample(model_dir, tokens_file, tmp_path):
 def test_cpu_runs_are_bit_identical(model_dir, tokens_file, tmp_path):
     policy = ["--policy", "sink", "--n-sink", "4", "--window-size", "28", "--compress-every", "4"]
     for name in ("a", "b"):
-        assert run(eval_args(model_dir, tokens_file, tmp_path / f"{name}.json", *policy)) == 0
+        assert run(eval_argv(model_dir, tokens_file, tmp_path / f"{name}.json", *policy)) == 0
     assert np.load(tmp_path / "a.nll.npy").tobytes() == np.load(tmp_path / "b.nll.npy").tobytes()
 
 
@@ -187,7 +185,7 @@ def test_error_token_out_of_vocabulary(model_dir, tmp_path, capsys):
     bad.parent.mkdir()
     np.save(bad, np.full(100, 5000, dtype=np.int64))
     out = tmp_path / "out" / "c.json"
-    assert run(eval_args(model_dir, bad, out, "--policy", "window", "--window-size", "16")) == 2
+    assert run(eval_argv(model_dir, bad, out, "--policy", "window", "--window-size", "16")) == 2
     assert "out of the model's vocabulary" in capsys.readouterr().err
     assert not out.parent.exists() or _no_outputs(out.parent)
 
@@ -201,14 +199,14 @@ def test_error_bad_token_files(model_dir, tmp_path, capsys, array, message):
     bad = tmp_path / "t.npy"
     np.save(bad, array)
     out = tmp_path / "out" / "c.json"
-    assert run(eval_args(model_dir, bad, out, "--policy", "sink", "--n-sink", "4", "--window-size", "12")) == 2
+    assert run(eval_argv(model_dir, bad, out, "--policy", "sink", "--n-sink", "4", "--window-size", "12")) == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and not nll_path(out).exists()
 
 
 def test_error_bad_policy_parameter(model_dir, tokens_file, tmp_path, capsys):
     out = tmp_path / "c.json"
-    assert run(eval_args(model_dir, tokens_file, out, "--policy", "sink", "--window-size", "-3")) == 2
+    assert run(eval_argv(model_dir, tokens_file, out, "--policy", "sink", "--window-size", "-3")) == 2
     assert "window_size must be an integer >= 1" in capsys.readouterr().err
     assert not out.exists()
 
@@ -225,7 +223,7 @@ def test_error_nan_loss_leaves_nothing(model_dir, tokens_file, tmp_path, capsys)
     weights[key] = torch.full_like(weights[key], float("nan"))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out" / "c.json"
-    assert run(eval_args(broken, tokens_file, out, "--policy", "window", "--window-size", "16")) == 2
+    assert run(eval_argv(broken, tokens_file, out, "--policy", "window", "--window-size", "16")) == 2
     assert "NaN or inf" in capsys.readouterr().err
     assert not out.exists() and not nll_path(out).exists()
 
@@ -233,7 +231,7 @@ def test_error_nan_loss_leaves_nothing(model_dir, tokens_file, tmp_path, capsys)
 def test_module_entry_point(model_dir, tokens_file, tmp_path):
     out = tmp_path / "c.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "kvstream", *eval_args(model_dir, tokens_file, out, "--policy", "window", "--window-size", "32")],
+        [sys.executable, "-m", "kvstream", *eval_argv(model_dir, tokens_file, out, "--policy", "window", "--window-size", "32")],
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr
@@ -244,8 +242,8 @@ def test_module_entry_point(model_dir, tokens_file, tmp_path):
 def test_cli_policy_json_equals_the_flags(model_dir, tokens_file, tmp_path, capsys):
     flags = ["--policy", "sink", "--window-size", "28", "--compress-every", "4", "--max-drop", "none"]
     spec = {"type": "sink", "window_size": 28, "compress_every": 4, "max_drop": None}  # n_sink: Policy's default
-    assert run(eval_args(model_dir, tokens_file, tmp_path / "flags.json", *flags)) == 0
-    assert run(eval_args(model_dir, tokens_file, tmp_path / "json.json", "--policy-json", json.dumps(spec))) == 0
+    assert run(eval_argv(model_dir, tokens_file, tmp_path / "flags.json", *flags)) == 0
+    assert run(eval_argv(model_dir, tokens_file, tmp_path / "json.json", "--policy-json", json.dumps(spec))) == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("flags", "json"))
     assert a["policy"] == b["policy"] and a["policy"]["n_sink"] == 4
     assert np.load(tmp_path / "flags.nll.npy").tobytes() == np.load(tmp_path / "json.nll.npy").tobytes()
@@ -254,5 +252,5 @@ def test_cli_policy_json_equals_the_flags(model_dir, tokens_file, tmp_path, caps
                            (["--policy-json", json.dumps({**spec, "sinks": 4})], "unknown key 'sinks'"),
                            (["--policy-json", json.dumps({**spec, "compress_every": 0})], "compress_every must be")):
         out = tmp_path / "bad" / "c.json"
-        assert run(eval_args(model_dir, tokens_file, out, *extra)) == 2
+        assert run(eval_argv(model_dir, tokens_file, out, *extra)) == 2
         assert message in capsys.readouterr().err and not out.exists()

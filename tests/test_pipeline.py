@@ -12,37 +12,22 @@ import csv
 import json
 import math
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline_helpers import copy_repo, edited, load_config, planned_jobs, snakemake, write_config
+from pipeline_helpers import copy_repo, edited, fake_complete, load_config, planned_jobs, snakemake, write_config
 
 TINY = "config/tiny.yaml"
 DATA_RULES = re.compile(r"^(fetch_text|prepare_model|tokenize_\w+)$")
 
 
-def _fake_complete(workdir: Path) -> None:
-    """Create every output of the tiny DAG (empty), then record their metadata with --touch."""
-    proc = snakemake(workdir, "--configfile", TINY, "--dry-run", "--cores", "1")
-    for _, outputs in planned_jobs(proc.stdout):
-        for out in outputs:
-            path = workdir / out
-            if path.suffix:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.touch()
-            else:  # a directory output (the prepared model)
-                path.mkdir(parents=True, exist_ok=True)
-    snakemake(workdir, "--configfile", TINY, "--touch", "--forceall", "--cores", "1")
-
-
 @pytest.fixture(scope="module")
 def completed(tmp_path_factory):
     workdir = copy_repo(tmp_path_factory.mktemp("touched"))
-    _fake_complete(workdir)
+    fake_complete(workdir, TINY)
     proc = snakemake(workdir, "--configfile", TINY, "--dry-run", "--cores", "1")
     assert "Nothing to be done" in proc.stdout, proc.stdout[-3000:]
     return workdir

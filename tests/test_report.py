@@ -544,7 +544,7 @@ def test_sweep_and_ablation_tables_show_the_reference_once(tmp_path):
         body = tex[tex.index(r"\begin{tabular}"):]
         assert "Full recomputation" not in body  # no row repeating the reference
         assert tex.count("Reference: Full recomputation") == 1  # named once, in the caption
-        head = next(line for line in body.splitlines() if "Max." in line)
+        head = next(line for line in body.splitlines() if "band" in line)
         assert "Dec.\\ inc." in head and "All inc." in head and head.count("&") <= 5
 
 
@@ -560,8 +560,8 @@ def test_presets_table_lists_every_knob_of_the_main_policies(tmp_path):
     tex = tables.presets_table(_all_aggs(tmp_path), {"paper": PAPER})
     assert r"\label{tab:presets}" in tex
     best = next(line for line in tex.splitlines() if line.startswith("Lazy (Best"))
-    # S, W, C, R, sigma, delta, mode, and the largest forward C + max(R, sigma + 1)
-    assert best.split(" & ")[2:9] == ["8", "8", "16", "8", "4", "8", "fixed"] and best.endswith(r"24 \\")
+    # S, W, C, R, sigma, delta, mode, and r: the band [C + r, C + R] (r = min(sigma, max(R - delta, 0)) = 0)
+    assert best.split(" & ")[2:9] == ["8", "8", "16", "8", "4", "8", "fixed"] and best.endswith(r"0: [16, 24] \\")
     window = next(line for line in tex.splitlines() if line.startswith("Window"))
     assert window.split(" & ")[2:4] == ["--", "16"]  # a knob the kind does not use is not shown
 

@@ -42,7 +42,7 @@ def checked(cfg: dict) -> dict:
         ({"retrieval.depths": [-0.1]}, "config error: retrieval.depths[0]: -0.1 is outside [0, 1]"),
         ({"retrieval.tasks": ["passkey", "needle"]}, "config error: retrieval.needle_dataset: missing"),
         ({"retrieval.tasks": ["needle"], "retrieval.needle_dataset": "pg19"},
-         "config error: retrieval.needle_dataset: unknown dataset 'pg19' (datasets: kjv, kjv_zoo)"),
+         "config error: retrieval.needle_dataset: unknown dataset 'pg19' (datasets: kjv)"),
         ({"retrieval.lengths": [512, 256]}, "config error: retrieval.lengths[1]: policy window: too few tokens for the "
                                             "prefill: N=256 tokens but the prefill takes P=256"),
         ({"retrieval.lengths": [512, 250], "retrieval.policies": ["dense", "zoo_sink_r32"]},

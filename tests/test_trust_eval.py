@@ -23,6 +23,8 @@ from kvstream.config import ConfigError, check_config
 from kvstream.schedule import Policy, cache_lengths
 from kvstream.tiny import build_tiny_model
 
+from cli_helpers import eval_argv
+
 ROOT = Path(__file__).resolve().parents[1]
 N = 96
 
@@ -46,10 +48,6 @@ def run(argv, capsys) -> tuple[int, str]:
         cli_main(argv)
     return info.value.code, capsys.readouterr().err
 
-
-def eval_argv(model_dir, tokens_file, out, *policy):
-    return ["eval", "--model", str(model_dir), "--tokens", str(tokens_file), "--threads", "1", "--warmup", "2",
-            "--out", str(out), *policy]
 
 
 def tampered(model_dir: Path, dest: Path, config=None, weights=None) -> Path:

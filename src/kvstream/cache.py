@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvstream import defects
 from kvstream.errors import KVStreamError
 from kvstream.eviction import EVICTION_RULES
 from kvstream.rope import Rotary
@@ -135,6 +136,10 @@ class StreamingCache(Cache):
         if rebase_at is not None and self.relative and rebase_at < policy.max_forward_len + 1:
             raise KVStreamError(f"rebase_at={rebase_at} must exceed the largest forward ({policy.max_forward_len})")
         self.rebase_at = rebase_at if self.relative else None
+        # DEFECT switches (kvstream.defects); both are 0 / None on the clean path
+        self.offset = (defects.trained_offset(getattr(config, "max_position_embeddings", None), policy.budget)
+                       if defects.has(policy, "positions_past_trained") else 0)
+        self.rebase_work = torch.float16 if defects.has(policy, "fp16_rerotation") else None
         super().__init__(layers=[StreamingCacheLayer(self, i) for i in range(n_layers)])
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
@@ -150,7 +155,7 @@ class StreamingCache(Cache):
         self.length = 0  # tokens held (sinks + window) after the last forward
         self.n_seen = 0  # tokens ever appended; token u is the u-th token of the stream
         self.first_window = 0  # absolute index of the oldest window token
-        self.shift = 0  # frame position of token u is u - shift (relative mode, after rebases)
+        self.shift = -self.offset  # frame position of token u is u - shift (relative mode, after rebases)
         self.sink_delta = 0  # current rotation of the sinks from their arrival positions
         self.events = 0
         self.rebases = 0
@@ -199,13 +204,17 @@ class StreamingCache(Cache):
                 plan.dst = self._to_device(plan.slots.holes)
             first_window += n
         if self.relative:
-            shift = self.shift
+            shift, offset = self.shift, self.offset
             window_start = first_window - shift  # frame position of the oldest window token
-            if self.rebase_at is not None and plan.next_pos >= self.rebase_at and window_start > self.n_sink:
-                plan.rebase = window_start - self.n_sink
+            due = self.rebase_at is not None and plan.next_pos - offset >= self.rebase_at
+            if self.rebase_work is not None:  # DEFECT fp16_rerotation: the window rotated back at every event
+                due = n > 0
+            if due and window_start > self.n_sink + offset:
+                plan.rebase = window_start - self.n_sink - offset
                 shift += plan.rebase
                 plan.next_pos -= plan.rebase
-            sink_delta = first_window - shift - self.n_sink
+            # sinks just before the window (DEFECT positions_past_trained: offset before it; they arrived at +offset)
+            sink_delta = first_window - shift - self.n_sink - 2 * offset
             if sink_delta != self.sink_delta and self.n_sink:
                 plan.sink_delta = sink_delta
         return plan
@@ -269,7 +278,11 @@ class StreamingCache(Cache):
             values.index_copy_(3, plan.dst, values.index_select(3, plan.src))
         if plan.rebase:  # layer by layer, in place: the temporaries are one layer's window, not the cache's
             for layer in range(self.n_layers):
-                self.rotary.rotate_(keys[layer, :, :, self.n_sink : plan.length], -plan.rebase)
+                window = keys[layer, :, :, self.n_sink : plan.length]
+                if self.rebase_work is None:
+                    self.rotary.rotate_(window, -plan.rebase)
+                else:  # DEFECT fp16_rerotation: the rotation's arithmetic in float16
+                    self.rotary.rotate_(window, -plan.rebase, self.rebase_work)
         if plan.sink_delta is not None:
             keys[:, :, :, : self.n_sink] = self.rotary.rotate(self.sink_keys, plan.sink_delta)
 

@@ -6,6 +6,8 @@ paper block, the retrieval grid). The first bad field stops the run with a Confi
 from __future__ import annotations
 
 import copy
+import dataclasses
+from pathlib import Path
 
 from kvstream.cells import check_sample_length, decode_steps
 from kvstream.errors import KVStreamError
@@ -42,9 +44,13 @@ def check_config(cfg: dict, schema: dict) -> dict:
     _check_schema(cfg, schema)
     _check_policies(cfg)
     _check_experiments(cfg)
+    _check_factorial_experiments(cfg)
+    _check_defect_experiments(cfg)
+    _check_longstream_experiments(cfg)
     _check_samples(cfg)
     _check_paper(cfg)
     _check_retrieval(cfg)
+    _check_kvpress_results(cfg)
     return cfg
 
 
@@ -146,6 +152,78 @@ def _check_experiments(cfg: dict) -> None:
             main = name
 
 
+def _check_defect_experiments(cfg: dict) -> None:
+    """An experiment with role defects (kvstream.study.defects) measures each switch against the same policy
+    without it: every policy with defect switches needs its clean twin (the same fields, no switches) there."""
+    for name, e in cfg["experiments"].items():
+        if e["role"] != "defects":
+            continue
+        resolved = {p: Policy.from_dict(policy_fields_from_config(cfg["policies"][p], cfg["eval"])) for p in e["policies"]}
+        clean = {pol for pol in resolved.values() if not pol.defects}
+        for i, (p, pol) in enumerate(resolved.items()):
+            if pol.defects and dataclasses.replace(pol, defects=()) not in clean:
+                raise ConfigError(f"experiments.{name}.policies[{i}]", f"policy {p} has defect switches, but the same "
+                                  "policy without them is not in the experiment: add its clean twin to compare against")
+
+
+def _check_factorial_experiments(cfg: dict) -> None:
+    """An experiment with role factorial (kvstream.study.factorial) crosses slack and max-drop at one R: its
+    sink policies share every knob but cache_slack and max_drop (so each cell differs only in r), and no
+    (sigma, delta) pair appears twice."""
+    shared = ("n_sink", "window_size", "compress_every", "budget_mode", "positions", "budget")
+    for name, e in cfg["experiments"].items():
+        if e["role"] != "factorial":
+            continue
+        first, pairs = None, {}
+        for i, p in enumerate(e["policies"]):
+            pol = Policy.from_dict(policy_fields_from_config(cfg["policies"][p], cfg["eval"]))
+            if p == e["reference"]:
+                continue
+            field = f"experiments.{name}.policies[{i}]"
+            if pol.type != "sink":
+                raise ConfigError(field, f"policy {p} is a {pol.type} policy: a factorial crosses the slack and max-drop "
+                                  "of sink policies (move it to another experiment)")
+            first = first or (p, pol)
+            differs = [k for k in shared if getattr(pol, k) != getattr(first[1], k)]
+            if differs:
+                raise ConfigError(field, f"policy {p} differs from {first[0]} in {', '.join(differs)}: the cells of a "
+                                  "factorial share every knob but cache_slack and max_drop")
+            pair = (pol.cache_slack, pol.max_drop)
+            if pair in pairs:
+                raise ConfigError(field, f"policy {p} repeats cache_slack={pair[0]}, max_drop={pair[1]} of {pairs[pair]}: "
+                                  "list each (cache_slack, max_drop) cell once")
+            pairs[pair] = p
+        if first is None:
+            raise ConfigError(f"experiments.{name}.policies", "a factorial needs sink policies besides the reference")
+
+
+def recompute_every(cfg: dict, dataset: str) -> int:
+    """The recompute reference's k on a dataset (docs/method.md, Metrics): datasets.<name>.recompute_every,
+    else eval.recompute_every. The one place the override is resolved (kvstream.pipeline.Plan asks here)."""
+    return int(cfg["datasets"][dataset].get("recompute_every", cfg["eval"]["recompute_every"]))
+
+
+def _check_longstream_experiments(cfg: dict) -> None:
+    """An experiment with role longstream (kvstream.study.longstream): one per config (the paper has one such
+    figure), its reference a recompute policy (increases are paired with its scored targets). A dataset's
+    recompute_every acts only on a recompute policy run there."""
+    longstream = [name for name, e in cfg["experiments"].items() if e["role"] == "longstream"]
+    if len(longstream) > 1:
+        raise ConfigError(f"experiments.{longstream[1]}.role", f"experiments.{longstream[0]} is already the long "
+                          "stream: one experiment has role longstream")
+    for name in longstream:
+        e = cfg["experiments"][name]
+        if cfg["policies"][e["reference"]]["type"] != "recompute":
+            raise ConfigError(f"experiments.{name}.reference", f"policy {e['reference']} is a "
+                              f"{cfg['policies'][e['reference']]['type']} policy: the long stream compares every policy "
+                              "with a recompute policy on its scored targets; name one")
+    for ds, entry in cfg["datasets"].items():
+        runs = {p for e in cfg["experiments"].values() if e["dataset"] == ds for p in e["policies"]}
+        if "recompute_every" in entry and not any(cfg["policies"][p]["type"] == "recompute" for p in runs):
+            raise ConfigError(f"datasets.{ds}.recompute_every", "no experiment runs a recompute policy on this "
+                              "dataset, and the field acts on nothing else: remove it")
+
+
 def _check_samples(cfg: dict) -> None:
     """Each dataset's samples are long enough for every policy run on them (kvstream.cells.check_sample_length)
     and leave decode steps after eval.warmup: what `kvstream eval` checks, here before any job."""
@@ -206,3 +284,12 @@ def _check_retrieval(cfg: dict) -> None:
                 check_sample_length(policy, n)
             except KVStreamError as exc:
                 raise ConfigError(f"retrieval.lengths[{i}]", f"policy {name}: {exc}") from None
+
+
+def _check_kvpress_results(cfg: dict) -> None:
+    """bench.kvpress_results: committed files (benchmarks/kvpress/run.sh writes them), read by the paper's rule."""
+    repo = Path(__file__).resolve().parents[2]  # a test may check the shipped config from another folder
+    for i, path in enumerate(cfg["bench"]["kvpress_results"]):
+        if not (Path(path).is_file() or (repo / path).is_file()):
+            raise ConfigError(f"bench.kvpress_results[{i}]", f"{path} does not exist: name a file written by "
+                              "benchmarks/kvpress/run.sh (relative to the repository root), or remove the entry")

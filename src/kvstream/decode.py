@@ -146,6 +146,8 @@ class Decoder:
         t, self.t = self.t, self.t + length
         with self._scoring():
             logits = self.model(self.ids[:, t : t + length], cache=self.cache, use_cache=self.cache is not None).logits
+            if "boundary_twice" in self.policy.defects:  # DEFECT switch: the last prefill token fed again
+                self.model(self.ids[:, t + length - 1 : t + length], cache=self.cache)
         if self.static and self.cache is not None:
             from kvstream.graphs import StaticDecoder
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kvstream.cells import nll_path
 from kvstream.codeversion import CELL_ENTRY, RETRIEVAL_ENTRY, SPEED_ENTRY, code_version
-from kvstream.config import policy_fields_from_config
+from kvstream.config import policy_fields_from_config, recompute_every
 from kvstream.schedule import DERIVED_KEYS, Policy, cache_lengths
 
 
@@ -143,9 +143,12 @@ class Plan:
         """The same for `kvstream speed`: the speed job's param."""
         return code_version(SPEED_ENTRY)
 
-    def recompute_every(self, name: str) -> int:
-        """`kvstream eval --recompute-every`: eval.recompute_every for recompute, 1 (every target) otherwise."""
-        return int(self.config["eval"]["recompute_every"]) if self.policy(name).type == "recompute" else 1
+    def recompute_every(self, name: str, dataset: str | None = None) -> int:
+        """`kvstream eval --recompute-every`: for recompute the dataset's k (kvstream.config.recompute_every;
+        eval.recompute_every without a dataset), 1 (every target) for any other policy."""
+        if self.policy(name).type != "recompute":
+            return 1
+        return recompute_every(self.config, dataset) if dataset else int(self.config["eval"]["recompute_every"])
 
     @functools.cache
     def _schedule_key(self, dataset: str, name: str) -> tuple:
@@ -154,7 +157,8 @@ class Plan:
         n = int(self.config["datasets"][dataset]["tokens_per_sample"])
         if p.scored:  # which tokens go depends on every field: identical only as the same policy
             return (p, tuple(cache_lengths(p, n)))
-        return (p.type, p.n_sink, p.budget, p.cap, p.positions, tuple(cache_lengths(p, n)))
+        # defect switches change positions or rounding, not the trace: never identical to another switch set
+        return (p.type, p.n_sink, p.budget, p.cap, p.positions, p.defects, tuple(cache_lengths(p, n)))
 
     def reused_from(self, dataset: str, policy: str) -> str | None:
         """The earlier policy (config order) whose cells this one reuses; None when it is evaluated itself."""
@@ -213,8 +217,9 @@ class Plan:
     # --- speed ---------------------------------------------------------------------------------
     def speed_policies(self, dataset: str) -> list[str]:
         """The policies the speed run times: every evaluated one, and the first that reuses another's cells
-        (it runs exactly its source's computation: a probe of timing noise)."""
-        pols = self.dataset_policies(dataset)
+        (it runs exactly its source's computation: a probe of timing noise); not those with defect switches
+        (their table is about quality)."""
+        pols = [p for p in self.dataset_policies(dataset) if not self.policy(p).defects]
         probe = [p for p in pols if self.reused_from(dataset, p)][:1] if self.config["speed"]["noise_probe"] else []
         return [p for p in pols if self.reused_from(dataset, p) is None or p in probe]
 
@@ -224,6 +229,13 @@ class Plan:
 
     def speed_reference(self, dataset: str) -> str:
         return next(self.experiment_reference(e) for e in self.experiments if self.experiment_dataset(e) == dataset)
+
+    @property
+    def speed_datasets(self) -> list[str]:
+        """Datasets with a speed run: those a pooled experiment uses. A dataset only the long stream uses has
+        none: its report reads quality along the stream, and a speed run there would time what the main
+        dataset's run times (dense held at cap, caches full: the sample length does not enter)."""
+        return [d for d in self.datasets if any(self.experiment_dataset(e) == d for e in self.pooled_experiments)]
 
     def speed_threads(self) -> int:
         return int(self.config["speed"].get("threads", self.config["eval"]["threads"]))
@@ -299,9 +311,34 @@ class Plan:
         return [e for e in self.experiments if self.experiment_role(e) == "sweep"]
 
     @property
+    def defect_experiment(self) -> str | None:
+        """The first experiment with role defects (the defect attribution, kvstream.study.defects), or None."""
+        return next((e for e in self.experiments if self.experiment_role(e) == "defects"), None)
+
+    @property
+    def longstream_experiment(self) -> str | None:
+        """The experiment with role longstream (kvstream.study.longstream; one at most, kvstream.config), or None."""
+        return next((e for e in self.experiments if self.experiment_role(e) == "longstream"), None)
+
+    @property
+    def pooled_experiments(self) -> list[str]:
+        """The experiments the common report pools (aggregate, table, macros; report.smk): all but the long
+        stream, which has no speed run and a report of its own (workflow/rules/longstream.smk)."""
+        return [e for e in self.experiments if e != self.longstream_experiment]
+
+    @property
     def reproduction_experiments(self) -> list[str]:
         """The reproduction table's experiments: the main one and the ablations."""
         return [self.main_experiment] + [e for e in self.experiments if self.experiment_role(e) == "ablation"]
+
+    @property
+    def factorial_experiments(self) -> list[str]:
+        """Experiments with role factorial (kvstream.study.factorial)."""
+        return [e for e in self.experiments if self.experiment_role(e) == "factorial"]
+
+    def main_dataset_aggregates(self) -> list[str]:
+        """The aggregate JSONs of every experiment on the main dataset (the attended-length figure's cells)."""
+        return [self.aggregate_path(e, "json") for e in self.experiments if self.experiment_dataset(e) == self.main_dataset]
 
     def trace_cells(self) -> list[str]:
         """First-sample cells of the main dataset's sink policies (the cache-length figure)."""

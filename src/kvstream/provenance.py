@@ -31,23 +31,16 @@ def git_state() -> tuple[str | None, bool | None]:
         return None, None
 
 
-def cell_provenance(*, model: str, tokens_file: str | os.PathLike, policy: Policy, device: torch.device,
-                    dtype: torch.dtype, n_tokens: int, max_tokens: int | None, warmup: int, seed: int,
-                    recompute_every: int = 1) -> dict:
-    """The provenance block of a cell; config_hash covers everything that decides its numbers."""
+def run_provenance(*, entry: str, hashed: dict, model, device: torch.device, dtype: torch.dtype) -> dict:
+    """What every job's record says about where it ran: commit, code version of `entry`'s modules, library
+    versions, machine; config_hash over `hashed`, everything that decides the job's numbers."""
     import transformers
 
     commit, dirty = git_state()
-    hashed = {
-        "model": str(model), "tokens_sha256": sha256_file(tokens_file), "policy": policy.as_dict(),
-        "dtype": str(dtype), "max_tokens": max_tokens, "warmup": warmup, "seed": seed,
-    }
-    if recompute_every != 1:
-        hashed["recompute_every"] = recompute_every
     return {
         "git_commit": commit,
         "git_dirty": dirty,
-        "code_version": code_version(CELL_ENTRY),
+        "code_version": code_version(entry),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -57,13 +50,24 @@ def cell_provenance(*, model: str, tokens_file: str | os.PathLike, policy: Polic
         "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "config_hash": hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16],
-        "seed": seed,
         "model": str(model),
-        "tokens_file": str(tokens_file),
-        "n_tokens": n_tokens,
         "hostname": socket.gethostname(),
         "started_at": now(),
     }
+
+
+def cell_provenance(*, model: str, tokens_file: str | os.PathLike, policy: Policy, device: torch.device,
+                    dtype: torch.dtype, n_tokens: int, max_tokens: int | None, warmup: int, seed: int,
+                    recompute_every: int = 1) -> dict:
+    """The provenance block of a cell."""
+    hashed = {
+        "model": str(model), "tokens_sha256": sha256_file(tokens_file), "policy": policy.as_dict(),
+        "dtype": str(dtype), "max_tokens": max_tokens, "warmup": warmup, "seed": seed,
+    }
+    if recompute_every != 1:
+        hashed["recompute_every"] = recompute_every
+    return {**run_provenance(entry=CELL_ENTRY, hashed=hashed, model=model, device=device, dtype=dtype),
+            "seed": seed, "tokens_file": str(tokens_file), "n_tokens": n_tokens}
 
 
 def now() -> str:

@@ -74,12 +74,13 @@ class Rotary:
             return keys
         return self._rotate_into(keys.clone(), keys, *self.cos_sin(delta), work)
 
-    def rotate_(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+    def rotate_(self, keys: torch.Tensor, delta: int, work: torch.dtype | None = None) -> torch.Tensor:
         """In place: keys rotated by `delta` positions, with the same arithmetic as `rotate` (its only
-        temporaries are the rotary dims of `keys`; pass small slices to keep them small)."""
+        temporaries are the rotary dims of `keys`; pass small slices to keep them small). work: as in
+        `rotate` (float16: the defect switch fp16_rerotation, kvstream.defects)."""
         if delta == 0:
             return keys
-        return self._rotate_into(keys, keys, *self.cos_sin(delta))
+        return self._rotate_into(keys, keys, *self.cos_sin(delta), work)
 
     def rotate_each(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         """keys [..., n, head_dim] each rotated by its own delta (deltas: [n] integers), rounded once."""

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from kvstream import defects as defect_switches
 from kvstream.errors import KVStreamError
 
 # score-based kinds: the sink schedule, and a rule for which non-sink tokens an event removes (kvstream.eviction)
@@ -43,6 +44,7 @@ class Policy:
     positions: str = "relative"
     recent: int = 0  # scored kinds: the newest tokens no event may remove (H2O's recent window)
     seed: int = 0  # random: the seed of its choices
+    defects: tuple[str, ...] = ()  # the original's defects switched on (kvstream.defects); () = the clean method
 
     # --- derived quantities -------------------------------------------------------------------
     @property
@@ -59,6 +61,8 @@ class Policy:
         """C = S + W for window/sink; None for policies without eviction."""
         if not self.evicts:
             return None
+        if "slack_window" in self.defects:  # DEFECT switch: the original's slack runs had W - sigma
+            return self.n_sink + self.window_size - self.cache_slack
         return self.n_sink + self.window_size
 
     @property
@@ -75,11 +79,39 @@ class Policy:
         limit = self.budget if self.evicts else self.cap
         return min(limit, n_tokens)
 
+    @property
+    def kept_overflow(self) -> int | None:
+        """r: the overflow an event leaves in the steady state (docs/method.md, "The `sink` schedule"): an event
+        at overflow R removes max(min(R, delta), R - sigma), leaving r = min(sigma, max(R - delta, 0)) (delta
+        None: 0). sigma and delta act only through r. One exception: delta = 0 with sigma >= R removes nothing
+        at overflow R; the cache then grows to C + sigma + 1 and every step removes one token (r = sigma).
+        None for policies without eviction."""
+        if not self.evicts:
+            return None
+        R, sigma, delta = self.compress_every, self.cache_slack, self.max_drop
+        if delta == 0 and sigma >= R:
+            return sigma
+        return 0 if delta is None else min(sigma, max(R - delta, 0))
+
+    @property
+    def band(self) -> tuple[int, int] | None:
+        """(C + r, C + R): the cache's steady-state saw-tooth, from the length an event leaves to the largest
+        forward (decode forwards attend over C + r + 1 .. C + R tokens); (C + sigma, C + sigma + 1) in the
+        exception of kept_overflow. None for policies without eviction."""
+        if not self.evicts:
+            return None
+        r = self.kept_overflow
+        return self.budget + r, self.budget + max(self.compress_every, r + 1)
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if not self.scored:  # fields of the scored kinds only (earlier cells' policy blocks unchanged)
             for key in SCORED_FIELDS:
                 d.pop(key)
+        if self.defects:  # a clean policy's block is as before the switches existed
+            d["defects"] = list(self.defects)
+        else:
+            d.pop("defects")
         d["budget"] = self.budget
         d["max_forward_len"] = self.max_forward_len
         return d
@@ -119,6 +151,8 @@ class Policy:
         one (kvstream.cli.eval refuses that). Raises KVStreamError naming the field and the allowed range.
         """
         p = self
+        if not isinstance(p.defects, tuple) or p.defects != defect_switches.normalized(p.defects):
+            p = dataclasses.replace(p, defects=defect_switches.normalized(p.defects))
         if p.type not in POLICY_TYPES:
             raise KVStreamError(f"policy type {p.type!r} is unknown: use one of {', '.join(POLICY_TYPES)}")
         if p.positions not in POSITION_MODES:
@@ -169,6 +203,8 @@ def unused_knob(given: dict, policy: Policy) -> tuple[str, str] | None:
     passes every field of the resolved policy). None when there is none."""
     resolved = dataclasses.asdict(policy)
     for field, value in given.items():
+        if field == "defects":
+            value = defect_switches.normalized(value)  # JSON gives a list, in any order
         if field in DERIVED_KEYS or field == "type" or resolved.get(field) == value:
             continue
         if field == "window_size" and policy.budget_mode == "cap":
@@ -186,7 +222,8 @@ def refuse_unused(given: dict, policy: Policy, name) -> None:
 
 
 def _check_scored(p: Policy) -> Policy:
-    """recent and seed: checked for the scored kinds, neutral (0) for sink."""
+    """recent and seed: checked for the scored kinds, neutral (0) for sink; the defect switches checked."""
+    defect_switches.check(p)
     if not p.scored:
         return dataclasses.replace(p, recent=0, seed=0)
     _check_int("recent", p.recent, minimum=0)
@@ -230,12 +267,17 @@ def cache_lengths(policy: Policy, n_tokens: int) -> list[int]:
     if policy.type == "dense":
         return [t + 1 for t in range(prefill, prefill + steps)]
     lengths = []
-    length = prefill  # after the prefill forward (P <= C: never an event)
+    length = _start_length(policy, prefill)  # after the prefill forward (P <= C: never an event)
     for _ in range(steps):
         length -= eviction_size(length, policy.budget, policy.compress_every, policy.cache_slack, policy.max_drop)
         length += 1
         lengths.append(length)
     return lengths
+
+
+def _start_length(policy: Policy, prefill: int) -> int:
+    """Tokens held when decode starts: the prefill, plus the boundary token fed again (DEFECT switch)."""
+    return prefill + 1 if "boundary_twice" in policy.defects else prefill
 
 
 def eviction_events(policy: Policy, n_tokens: int) -> list[tuple[int, int]]:
@@ -245,7 +287,7 @@ def eviction_events(policy: Policy, n_tokens: int) -> list[tuple[int, int]]:
         return []
     lengths = cache_lengths(policy, n_tokens)
     events = []
-    previous = policy.prefill_len(n_tokens)
+    previous = _start_length(policy, policy.prefill_len(n_tokens))
     for step, length in enumerate(lengths):
         removed = previous + 1 - length
         if removed:

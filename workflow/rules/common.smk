@@ -53,7 +53,7 @@ config.update(_checked)
 PLAN = Plan(config)
 MODEL = PLAN.model
 DATASETS = PLAN.datasets
-EXPERIMENTS = PLAN.experiments
+EXPERIMENTS = PLAN.pooled_experiments  # the long stream's cells come from PLAN.used_cells; its report: longstream.smk
 ALL_TARGETS = PLAN.used_cells()
 
 

@@ -30,7 +30,7 @@ for _ds in DATASETS:
                 policy=alternation(_evaluated),
             params:
                 policy_json=lambda w: PLAN.policy_json(w.policy),
-                recompute_every=lambda w: PLAN.recompute_every(w.policy),
+                recompute_every=lambda w, _ds=_ds: PLAN.recompute_every(w.policy, _ds),
                 settings=shell_args(  # shared by every cell: a change reruns them all
                     ("--warmup", config["eval"]["warmup"]), ("--device", config["model"]["device"]),
                     ("--dtype", config["model"]["dtype"]), ("--threads", config["eval"]["threads"]),

@@ -39,4 +39,4 @@ rule speed:
         )
 
 
-ALL_TARGETS.extend(PLAN.speed_path(d) for d in DATASETS if PLAN.dataset_policies(d))
+ALL_TARGETS.extend(PLAN.speed_path(d) for d in PLAN.speed_datasets)  # none for a long-stream-only dataset

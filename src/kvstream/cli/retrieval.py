@@ -8,8 +8,6 @@ it at the question), a summary per (length, depth), and provenance.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import time
 
@@ -57,12 +55,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import transformers
-
-    from kvstream.codeversion import RETRIEVAL_ENTRY, code_version
+    from kvstream.codeversion import RETRIEVAL_ENTRY
     from kvstream.io import sha256_file, write_json
     from kvstream.models import load_model, resolve_device, resolve_dtype
-    from kvstream.provenance import device_name, git_state, now
+    from kvstream.provenance import now, run_provenance
     from kvstream.retrieval import run_retrieval, summarize
     from kvstream.retrieval_tasks import make_prompt
 
@@ -84,7 +80,6 @@ def main(args: argparse.Namespace) -> int:
     task = {"task": args.task, "lengths": args.lengths, "depths": args.depths, "seeds": list(seeds),
             "new_tokens": args.new_tokens, "documents": args.documents,
             "documents_sha256": sha256_file(args.documents) if args.documents else None}
-    commit, dirty = git_state()
     hashed = {"model": args.model, "policy": policy.as_dict(), "dtype": str(dtype), "task": task}
     record = {
         "run": dict(args.label),
@@ -93,12 +88,8 @@ def main(args: argparse.Namespace) -> int:
         "summary": summarize(results),
         "prompts": [r.as_dict() for r in results],
         "provenance": {
-            "git_commit": commit, "git_dirty": dirty, "code_version": code_version(RETRIEVAL_ENTRY),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": device.type, "device_name": device_name(device),
-            "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "config_hash": hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16],
-            "model": str(args.model), "started_at": started, "runtime_sec": time.perf_counter() - t0,
+            **run_provenance(entry=RETRIEVAL_ENTRY, hashed=hashed, model=args.model, device=device, dtype=dtype),
+            "started_at": started, "runtime_sec": time.perf_counter() - t0,
         },
     }
     write_json(args.out, record)

@@ -173,7 +173,7 @@ def _other_experiments(aggs: Mapping[str, Mapping]) -> list[str]:
     """Experiments the paper has no section for: all but the first main, ablation, sanity and zoo ones and the
     sweeps."""
     firsts = {next((e for e, a in aggs.items() if role(a) == r), None) for r in ("main", "ablation", "sanity", "zoo")}
-    return [e for e, a in aggs.items() if e not in firsts and role(a) != "sweep"]
+    return [e for e, a in aggs.items() if e not in firsts and role(a) not in ("sweep", "defects", "factorial")]
 
 
 def _sanity(m: MacroFile, aggs: Mapping[str, Mapping], config: Mapping) -> None:

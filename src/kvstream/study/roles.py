@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from kvstream.schedule import SCORED_TYPES
 from kvstream.study.latex import macro_stem
 
-ROLES = ("main", "ablation", "sweep", "peak_matched", "sanity", "zoo", "other")
+ROLES = ("main", "ablation", "sweep", "peak_matched", "sanity", "zoo", "factorial", "other")
 # A policy kind's display name (docs/method.md, "Sequence and policies" and "Score-based kinds"), in the
 # order the zoo's tables and figures list them.
 KIND_NAMES = {"recompute": "Full recomputation", "dense": "Dense (no eviction)", "sink": "Sink (StreamingLLM)",

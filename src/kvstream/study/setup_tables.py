@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from kvstream.errors import KVStreamError
+from kvstream.schedule import Policy
 from kvstream.study import published
 from kvstream.study.bootstrap import CI_LEVEL
 from kvstream.study.latex import KNOB_TEX, finite, fmt, fmt_knob, tex_escape
@@ -42,8 +44,36 @@ def memory_column(*aggs: Mapping | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ presets
-def _largest_forward(r: Mapping) -> str:
-    return fmt(r["max_forward_len"], 0) if finite(r.get("max_forward_len")) else fmt(r.get("trace_max"), 0)
+def row_band(r: Mapping) -> tuple[int, int, int] | None:
+    """(r, C + r, C + R) of an aggregate row whose kind evicts: kvstream.schedule.Policy.band at the budget the
+    cells recorded (the saw-tooth of docs/method.md, "The `sink` schedule"); None for recompute and dense."""
+    if r.get("type") in ("recompute", "dense") or not finite(r.get("budget")):
+        return None
+    window = r.get("type") == "window"  # R = 1, no slack, no cap: its block may leave them out
+    knobs = {k: r.get(k) for k in ("compress_every", "cache_slack", "max_drop")}
+    if window:
+        knobs = {"compress_every": 1, "cache_slack": 0, "max_drop": None}
+    try:
+        policy = Policy("sink", n_sink=0, window_size=int(r["budget"]), **knobs).resolved()
+    except KVStreamError:  # a row without its knobs: no band to show
+        return None
+    return (policy.kept_overflow, *policy.band)
+
+
+def band_cell(r: Mapping) -> str:
+    """The table cell `r: [C + r, C + R]` of a row; for recompute its window, for dense its measured span."""
+    band = row_band(r)
+    if band is not None:
+        return rf"{fmt(band[0], 0)}: [{fmt(band[1], 0)}, {fmt(band[2], 0)}]"
+    if r.get("type") == "recompute":
+        return rf"{fmt(r.get('max_forward_len'), 0)} (window)"
+    return rf"[{fmt(r.get('trace_min'), 0)}, {fmt(r.get('trace_max'), 0)}] (grows)"
+
+
+BAND_HEAD = r"$r$: band $[C{+}r, C{+}R]$"
+BAND_WORDS = (r"$r$: the overflow an event leaves, $\min(\sigma,\max(R-\delta,0))$ ($\delta=\infty$: 0); "
+              r"band: the cache saw-tooths between $C+r$ and $C+R$ tokens, so a decode forward attends over "
+              r"$C+r+1$ to $C+R$ (for recomputation its window, for the dense cache the span it grows over).")
 
 
 def presets_table(aggs: Mapping[str, Mapping], config: Mapping | None = None) -> str:
@@ -57,14 +87,12 @@ def presets_table(aggs: Mapping[str, Mapping], config: Mapping | None = None) ->
         r"\centering\small",
         r"\caption{The policies of the main comparison, with the knobs their cells record (the configuration, "
         r"resolved): $S$ sinks, $W$ window, budget $C=S+W$, pruning interval $R$, slack $\sigma$, max-drop "
-        r"$\delta$ ($\infty$: no cap), budget mode, and the largest forward the schedule allows, "
-        r"$C+\max(R,\sigma+1)$ (for recomputation the window $\mathit{cap}$; for the dense cache the longest "
-        r"measured forward). A knob a kind does not use is shown as --.}",
+        r"$\delta$ ($\infty$: no cap), budget mode; " + BAND_WORDS + r" A knob a kind does not use is shown as --.}",
         r"\label{tab:presets}",
         RESIZE,
-        r"\begin{tabular}{@{}llrrrrrrlr@{}}",
+        r"\begin{tabular}{@{}llrrrrrrll@{}}",
         r"\toprule",
-        rf"Method & Kind & {head} & $C$ & $R$ & $\sigma$ & $\delta$ & Mode & Largest forward \\",
+        rf"Method & Kind & {head} & $C$ & $R$ & $\sigma$ & $\delta$ & Mode & {BAND_HEAD} \\",
         r"\midrule",
     ]
     for r in rows:
@@ -80,7 +108,7 @@ def presets_table(aggs: Mapping[str, Mapping], config: Mapping | None = None) ->
             fmt_knob(r.get("cache_slack")) if sink else "--",
             fmt_knob(r.get("max_drop")) if sink else "--",
             tex_escape(r.get("budget_mode") or "--") if sink else "--",
-            _largest_forward(r)]) + r" \\")
+            band_cell(r)]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}", ""]
     return "\n".join(lines)
 

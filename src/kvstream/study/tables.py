@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 from kvstream.study.latex import KNOB_TEX, KNOB_WORDS, fmt, fmt_ci, fmt_knob, ordinal, table_label, tex_escape, write_text
 from kvstream.study.roles import role, sweep_knob, varying_knobs
+from kvstream.study.setup_tables import BAND_HEAD, BAND_WORDS, band_cell
 from kvstream.study.setup_tables import (RESIZE, memory_column, memory_kind_words, mixed_code_text, presets_table,
                                          reproduction_table, setup_table)
 from kvstream.study.wording import interval_words, plural
@@ -105,9 +106,9 @@ def table_knobs(agg: Mapping, knobs: Sequence[str], sort_key: str | None = None)
     budget = len({r.get("budget") for r in rows}) > 1
     head = " & ".join(KNOB_TEX[k] for k in knobs) + (r" & $C$" if budget else "")
     lines = [
-        rf"\begin{{tabular}}{{@{{}}{'l' * len(knobs)}{'r' if budget else ''}rrrr@{{}}}}",
+        rf"\begin{{tabular}}{{@{{}}{'l' * len(knobs)}{'r' if budget else ''}lrrr@{{}}}}",
         r"\toprule",
-        rf"{head} & Max.\ $L$ & Speedup & Dec.\ inc.\ (\%) & All inc.\ (\%) \\",
+        rf"{head} & {BAND_HEAD} & Speedup & Dec.\ inc.\ (\%) & All inc.\ (\%) \\",
         r"\midrule",
     ]
     for r in rows:
@@ -116,7 +117,7 @@ def table_knobs(agg: Mapping, knobs: Sequence[str], sort_key: str | None = None)
         else:
             knobcells = [fmt_knob(r.get(k)) for k in knobs]
         lines.append(" & ".join(knobcells + ([fmt(r.get("budget"), 0)] if budget else []) + [
-            fmt(r.get("trace_max"), 0), fmt_ci(r, "speedup"), fmt_ci(r, QUALITY, 2, signed=True),
+            band_cell(r), fmt_ci(r, "speedup"), fmt_ci(r, QUALITY, 2, signed=True),
             fmt_ci(r, ALL_TARGETS, 2, signed=True)]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
@@ -156,7 +157,7 @@ def experiment_table(agg: Mapping, experiment: str) -> str:
             title = rf"Sweep of the {KNOB_WORDS.get(knob, knob)}"
         fixed = _fixed_knobs_text(agg, knobs + (["window_size"] if "n_sink" in knobs[:1] else []))
         title += (f", {fixed}." if fixed else ".") + (r" $\delta=\infty$: no cap." if "max_drop" in knobs else "")
-        extra = reference_caption(agg) + columns
+        extra = reference_caption(agg) + " " + BAND_WORDS
     elif kind == "zoo":
         body = zoo_table_body(agg, memory=memory_column(agg))
         title, extra = zoo_caption(agg)
