@@ -51,11 +51,16 @@ def test_config_errors_name_the_field(changes, message):
     assert str(exc.value).startswith(message), str(exc.value)
 
 
-def test_the_extended_overlay_has_the_long_stream():
-    # Snakemake merges config.yaml and the overlay; YAML keeps only the last of two equal keys, so a second
-    # `experiments:` in the overlay would drop this experiment without a word
-    overlay = yaml.safe_load((REPO / "config/extended.yaml").read_text())
-    merged = check_config(_merge(DEFAULT, overlay), SCHEMA)
+def test_the_long_stream_overlay_adds_it_to_the_default_and_to_the_extended_run():
+    # Snakemake merges config.yaml and the overlays, mapping by mapping; YAML keeps only the last of two equal
+    # keys, so a second `experiments:` in an overlay would drop an experiment without a word
+    long = yaml.safe_load((REPO / "config/longstream.yaml").read_text())
+    extended = yaml.safe_load((REPO / "config/extended.yaml").read_text())
+    assert "long_stream" not in extended["experiments"]
+    both = Plan(check_config(_merge(_merge(DEFAULT, extended), long), SCHEMA), use_cuda=False)
+    assert both.longstream_experiment == "long_stream"
+    assert set(extended["experiments"]) < set(both.experiments)
+    merged = check_config(_merge(DEFAULT, long), SCHEMA)
     plan = Plan(merged, use_cuda=False)
     assert plan.longstream_experiment == "long_stream"
     ds = plan.experiment_dataset("long_stream")
