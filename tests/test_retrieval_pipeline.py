@@ -191,7 +191,7 @@ def test_table_and_macros_print_the_counts(results):
                                                 "R=32 1/2 at 0.1 and 2/2 at 0.9.")
     assert macros["RetrievalHeldSentence"] == (
         "Of the 8 prompts with a bounded context, 4 still held the whole key at the question and 3 of these were answered exactly; of the "
-        "4 that no longer held it, 1 was (1 of them with some of the key's tokens still held). Prompts with the key "
+        "4 that no longer held it, 1 was answered exactly all the same (1 of them with some of the key's tokens still held). Prompts with the key "
         "held, by policy: Sink (StreamingLLM) R=32 2/4 and H2O (recent 64) R=32 2/4.")
     assert macros["RetrievalLogprobSentence"] == (
         r"The correct answer's mean log-probability (nats, summed over its tokens) was \textminus{}0.38 over the whole "

@@ -53,7 +53,7 @@ def attended_length(rows: Sequence[Mapping], n_samples: int, out_dir, extra_dirs
         for r in sel:
             if r["policy"] in off:
                 ax.plot([r[LENGTH]], [1.0], marker="^", color=color, ms=6, ls="none", clip_on=False, zorder=4,
-                        transform=ax.get_xaxis_transform(), label=f"{legend}: {r[METRIC]:+.1f}% (off scale: at the top)")
+                        transform=ax.get_xaxis_transform(), label=f"{r.get('label') or r['policy']}: {r[METRIC]:+.1f}% (off scale: at the top)")
     ref = [r for r in rows if r.get("is_reference")]
     if ref:
         ax.plot([ref[0][LENGTH]], [0.0], marker="X", color="0.35", ms=6, ls="none", zorder=4,

@@ -274,7 +274,7 @@ def held_sentence(rows: Sequence[Mapping]) -> str:
     exact_gone, partial = exact - exact_held, _sum(bounded, "exact_partial")
     text = (rf"Of the {plural(n, 'prompt')} with a bounded context, {held} still held the whole key at the question and {exact_held} of "
             rf"these were answered exactly; of the {n - held} that no longer held it, {exact_gone} "
-            + ("was" if exact_gone == 1 else "were")
+            + ("was" if exact_gone == 1 else "were") + " answered exactly all the same"
             + (f" ({partial} of them with some of the key's tokens still held)." if exact_gone else "."))
     by_policy: dict[str, list] = {}
     for r in bounded:
