@@ -195,8 +195,7 @@ def longstream_table(s: Mapping) -> str:
     the increase against the reference on the paired targets, where the NLL rises."""
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
              rf"\caption{{The long stream: decode-target perplexity before and after the trained context "
-             rf"({fmt(s['trained_context'], 0)} tokens), pooled over {plural(s['n_samples'], 'sample')} of "
-             rf"{fmt(s['n_tokens'], 0)} tokens, and the increase against full recomputation on the targets it "
+             rf"({fmt(s['trained_context'], 0)} tokens), {_pooled(s)} of {fmt(s['n_tokens'], 0)} tokens, and the increase against full recomputation on the targets it "
              rf"scored (every {fmt(s['recompute_every'], 0)}th decode target). Last column: the first position from "
              rf"which every block of {fmt(s['smooth_tokens'], 0)} targets, at least two, has a mean NLL more than three "
              r"standard deviations of the policy's block means before the trained context above their mean (none: "
@@ -212,6 +211,10 @@ def longstream_table(s: Mapping) -> str:
                      rf"{inc[0]} & {inc[1]} & {_rise_text(r)} \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+def _pooled(s: Mapping) -> str:
+    return f"pooled over {plural(s['n_samples'], 'sample')}" if s["n_samples"] > 1 else "on one sample"
 
 
 def _first(s: Mapping, kind: str) -> Mapping | None:
@@ -263,6 +266,7 @@ def longstream_macros(s: Mapping, source: str | None = None) -> str:
     add("LongstreamTableRef", rf"Table~\ref{{{TABLE_LABEL}}}")
     add("LongstreamFigureRef", rf"Figure~\ref{{{FIGURE_LABEL}}}")
     add("LongstreamSamples", plural(s["n_samples"], "sample"))
+    add("LongstreamPooled", ", pooled over the samples" if s["n_samples"] > 1 else "")
     add("LongstreamTokens", fmt(s["n_tokens"], 0))
     add("LongstreamTrained", fmt(s["trained_context"], 0))
     add("LongstreamPast", fmt(s["n_tokens"] - 1 - s["trained_context"], 0))

@@ -10,6 +10,7 @@ from typing import Mapping
 import numpy as np
 
 from kvstream.study.plotting import FIGSIZE, REFERENCE, pyplot, save, series
+from kvstream.study.wording import plural
 
 LOG_Y_RATIO = 3.0  # a log y-axis when the curves span more than this factor
 
@@ -24,7 +25,9 @@ def longstream_figure(summary: Mapping, out_dir: str | os.PathLike, name: str = 
         if not x.size:
             continue
         values.append(y[np.isfinite(y)])
-        label = f"{r['label']} (window {r['window']})" if r["window"] != summary["smooth_tokens"] else r["label"]
+        # a subsampled reference is averaged over a longer run of positions (not a cache window: say so)
+        label = (f"{r['label']} (mean over {r['window']} positions)" if r["window"] != summary["smooth_tokens"]
+                 else r["label"])
         if r["is_reference"]:
             ax.plot(x, y, label=label, **REFERENCE)
             continue
@@ -40,7 +43,7 @@ def longstream_figure(summary: Mapping, out_dir: str | os.PathLike, name: str = 
         ax.set_yscale("log")
     ax.set_xlabel("position in the stream (tokens)")
     ax.set_ylabel(f"NLL (nats), moving average over {summary['smooth_tokens']} tokens")
-    ax.set_title(f"{summary['n_samples']} samples of {summary['n_tokens']} tokens")
+    ax.set_title(f"{plural(summary['n_samples'], 'sample')} of {summary['n_tokens']} tokens")
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.93), frameon=False)
     out = save(fig, out_dir, name)
     plt.close(fig)
